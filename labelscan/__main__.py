@@ -1,0 +1,3 @@
+from labelscan.cli import app
+
+app(prog_name="labelscan")

@@ -1,0 +1,273 @@
+"""The labelscan command line: parse options, call a job, render the result. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from labelscan import __version__
+from labelscan.data import Preprocessing
+from labelscan.errors import LabelscanError
+from labelscan.influence.scoring import METHODS, InfluenceSettings
+from labelscan.jobs import current_report, fsd_job, gate, rank_job, summarize_job
+from labelscan.report import DEFAULT_THRESHOLD, top_table
+from labelscan.workspace import DEFAULT_WORKSPACE, DataSource, ModelSource, Workspace
+
+app = typer.Typer(
+    help="Find likely mislabeled training examples of a trained ReLU network.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+Method = Enum("Method", {m.replace("-", "_"): m for m in METHODS}, type=str)
+Covariance = Enum("Covariance", {k: k for k in ("auto", "full", "lowrank", "diagonal")}, type=str)
+OutputFormat = Enum("OutputFormat", {"text": "text", "json": "json"}, type=str)
+
+WORKSPACE = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="Folder for the summary, manifest and report.")
+
+
+@contextmanager
+def _errors():
+    """Bad input → one line on stderr and exit 2; Ctrl-C → exit 130, workspace untouched."""
+    try:
+        yield
+    except LabelscanError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; the workspace files from before are intact")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def _progress():
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        def start(description: str, total: int):
+            task = bar.add_task(description, total=total)
+            return lambda done: bar.advance(task, done)
+
+        yield start
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"labelscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """labelscan: LAFTR summaries and proximal self-influence for label-noise detection."""
+
+
+def _floats(text: Optional[str], what: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise LabelscanError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _shape(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise LabelscanError(f"--input-shape must be comma-separated integers like 1,28,28, got {text!r}") from None
+    if any(d < 1 for d in shape):
+        raise LabelscanError(f"--input-shape entries must be positive, got {text!r}")
+    return shape
+
+
+def _data_source(path: Path, label_column: str, id_column: Optional[str], scale: float,
+                 mean: Optional[str], std: Optional[str]) -> DataSource:
+    preprocessing = Preprocessing(scale=scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+    return DataSource(str(path), label_column, id_column, preprocessing.to_dict())
+
+
+@app.command()
+def summarize(
+    model: Path = typer.Argument(..., help="Trained model: .pt2 (torch.export), TorchScript, or a pickle with --trust-checkpoint."),
+    data: Path = typer.Argument(..., help="Training data: Parquet/CSV table, .npz, IDX images file, or image folder."),
+    workspace: Path = WORKSPACE,
+    label_column: str = typer.Option("label", help="Label column of a table."),
+    id_column: Optional[str] = typer.Option(None, help="Example-id column of a table (default: row number)."),
+    scale: float = typer.Option(1.0, help="Multiply raw features by this first (e.g. 0.00392 for 1/255)."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean to subtract after scaling, comma-separated."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std to divide by after that, comma-separated."),
+    input_shape: Optional[str] = typer.Option(None, help="Model input shape without batch, e.g. 1,28,28 (TorchScript/pickles)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow pickled checkpoints, which run code when loaded."),
+    arch: Optional[str] = typer.Option(None, help="module:factory building the network for a state-dict checkpoint."),
+    per_class: bool = typer.Option(True, help="Keep input moments and ReLU activity per class."),
+    covariance: Covariance = typer.Option("auto", help="Input covariance kept: auto picks by input size."),
+    batch_size: int = typer.Option(512, min=1, help="Examples per batch of the streamed pass."),
+) -> None:
+    """One pass over DATA: store the LAFTR summary and a manifest in the workspace."""
+    with _errors(), _progress() as progress:
+        source = ModelSource(str(model), _shape(input_shape), trust_checkpoint, arch)
+        summary, manifest = summarize_job(
+            Workspace(workspace), source, _data_source(data, label_column, id_column, scale, mean, std),
+            per_class=per_class, covariance=covariance.value, batch_size=batch_size, progress=progress,
+        )
+    units = sum(a[0].numel() for a in summary.active)
+    out.print(
+        f"summarized {manifest.num_rows} examples: {summary.num_components} component(s), "
+        f"{summary.moments.kind} covariance over {summary.moments.mean.shape[1]} inputs, {units} ReLU units "
+        f"→ {workspace}"
+    )
+
+
+def _settings(method: Method, seed: int, samples: int, damping: float, epsilon: float, steps: int,
+              batch_size: int) -> InfluenceSettings:
+    return InfluenceSettings(method=method.value, seed=seed, samples=samples, damping=damping,
+                             epsilon=epsilon, steps=steps, batch_size=batch_size)
+
+
+METHOD = typer.Option("linear", "--method", "-m", help="linear / proximal (LAFTR), or a baseline.")
+SEED = typer.Option(0, help="Seed of the LAFTR draws; same seed, same report.")
+SAMPLES = typer.Option(2000, help="LAFTR draws for the curvature.")
+DAMPING = typer.Option(0.1, help="λ as a multiple of the mean curvature eigenvalue.")
+EPSILON = typer.Option(0.01, help="Up-weighting ε of the proximal solver.")
+STEPS = typer.Option(5, help="Gradient steps of the proximal solver.")
+THRESHOLD = typer.Option(DEFAULT_THRESHOLD, help="Flag examples whose self-influence exceeds this.")
+BATCH = typer.Option(256, min=1, help="Examples scored at once.")
+
+
+@app.command()
+def rank(
+    workspace: Path = WORKSPACE,
+    top: int = typer.Option(20, min=0, help="Rows of the table to print."),
+    method: Method = METHOD,
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Report path (default: WORKSPACE/report.parquet)."),
+    seed: int = SEED,
+    samples: int = SAMPLES,
+    damping: float = DAMPING,
+    epsilon: float = EPSILON,
+    steps: int = STEPS,
+    threshold: float = THRESHOLD,
+    checkpoint: list[Path] = typer.Option([], help="Training checkpoints for --method tracin (repeat)."),
+    batch_size: int = BATCH,
+) -> None:
+    """Score every training example by self-influence, write the Parquet report, show the top."""
+    with _errors(), _progress() as progress:
+        settings = _settings(method, seed, samples, damping, epsilon, steps, batch_size)
+        result = rank_job(Workspace(workspace), settings, threshold=threshold, out=out_path,
+                          checkpoints=checkpoint, progress=progress)
+    report = result.report
+    if top:
+        out.print(top_table(report, top, f"Most self-influential of {len(report)} examples ({method.value})"))
+    flagged = int(report["flagged"].sum())
+    out.print(f"{flagged} of {len(report)} examples flagged ({flagged / len(report):.1%}); report → {result.path}")
+
+
+@app.command()
+def check(
+    workspace: Path = WORKSPACE,
+    max_flagged_fraction: float = typer.Option(0.05, help="Fail when more than this fraction is flagged."),
+    data: Optional[Path] = typer.Option(None, help="Gate NEW data against the workspace's model and summary."),
+    baseline: Optional[Path] = typer.Option(None, help="A previous report: fail only on flags it did not have."),
+    output_format: OutputFormat = typer.Option("text", "--format", help="text for people, json for machines."),
+    method: Method = METHOD,
+    seed: int = SEED,
+    samples: int = SAMPLES,
+    damping: float = DAMPING,
+    epsilon: float = EPSILON,
+    steps: int = STEPS,
+    threshold: float = THRESHOLD,
+    batch_size: int = BATCH,
+) -> None:
+    """CI data-quality gate: exit 0 when the flagged fraction is within the limit, 1 when not."""
+    with _errors(), _progress() as progress:
+        space = Workspace(workspace)
+        settings = _settings(method, seed, samples, damping, epsilon, steps, batch_size)
+        if data is not None:
+            manifest = space.manifest()
+            source = DataSource(str(data), manifest.data.label_column, manifest.data.id_column,
+                                manifest.data.preprocessing)
+            result = rank_job(space, settings, threshold=threshold, out=space.root / "check-report.parquet",
+                              data=source, progress=progress)
+        else:
+            result = current_report(space) or rank_job(space, settings, threshold=threshold, progress=progress)
+        verdict = gate(result.report, max_flagged_fraction, baseline)
+    summary = verdict.as_dict() | {"report": str(result.path), "method": result.metadata["method"]}
+    if output_format.value == "json":
+        out.print_json(json.dumps(summary))
+    else:
+        word = "[green]PASS[/green]" if verdict.passed else "[red]FAIL[/red]"
+        scope = " new" if baseline is not None else ""
+        out.print(f"{word}: {verdict.considered}{scope} of {verdict.rows} examples flagged "
+                  f"({verdict.fraction:.2%}, limit {max_flagged_fraction:.2%}); report {result.path}")
+    _github_summary(summary)
+    if not verdict.passed:
+        raise typer.Exit(1)
+
+
+def _github_summary(summary: dict) -> None:
+    """Append a markdown verdict to GitHub Actions' step summary when running there."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    verdict = "✅ passed" if summary["passed"] else "❌ failed"
+    lines = [
+        f"### labelscan data-quality gate: {verdict}", "",
+        "| rows | flagged | gated | fraction | limit |", "|---:|---:|---:|---:|---:|",
+        f"| {summary['rows']} | {summary['flagged']} | {summary['gated_flags']} | "
+        f"{summary['flagged_fraction']:.2%} | {summary['max_flagged_fraction']:.2%} |", "",
+    ]
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+@app.command()
+def fsd(
+    model_a: Path = typer.Argument(..., help="First checkpoint (the reference)."),
+    model_b: Path = typer.Argument(..., help="Second checkpoint."),
+    workspace: Path = WORKSPACE,
+    samples: int = typer.Option(4000, min=1, help="LAFTR draws."),
+    seed: int = SEED,
+    trust_checkpoint: bool = typer.Option(False, help="Allow pickled checkpoints, which run code when loaded."),
+) -> None:
+    """LAFTR function space distance between two checkpoints of the summarized architecture."""
+    with _errors():
+        space = Workspace(workspace)
+        like = space.manifest().model
+        sources = [ModelSource(str(m), like.input_shape, trust_checkpoint, like.arch) for m in (model_a, model_b)]
+        distance = fsd_job(space, *sources, samples=samples, seed=seed)
+    out.print(f"FSD ≈ {distance:.6g} (LAFTR, KL, {samples} draws, seed {seed})")
+
+
+@app.command()
+def demo(
+    fixtures: Path = typer.Option(Path(__file__).resolve().parent.parent / "fixtures",
+                                  help="The repository's fixtures folder (digits with known flips)."),
+    top: int = typer.Option(10, min=0, help="Rows of the ranking to print."),
+) -> None:
+    """The whole pipeline on scikit-learn's digits with 10% injected label flips."""
+    from labelscan.demo import run_demo
+
+    with _errors(), _progress() as progress:
+        result = run_demo(fixtures, progress=progress)
+    if top:
+        out.print(top_table(result.report, top, "Most self-influential digits (linear, LAFTR)"))
+    out.print(result.describe())
+    if not result.gate.passed:
+        out.print("(the gate fails here by design: 10% of the labels were flipped)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,179 @@
+"""What each CLI command does, as library calls on a workspace (the CLI only parses and renders).
+
+Each job validates everything before it writes anything, and writes through temporary
+files, so a refused or interrupted job leaves the workspace as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from labelscan import __version__
+from labelscan.errors import LabelscanError
+from labelscan.influence.scoring import InfluenceSettings
+from labelscan.model import LaftrNet, file_fingerprint, load_model
+from labelscan.pipeline import fsd, self_influence, summarize
+from labelscan.laftr.summary import LaftrSummary
+from labelscan.report import DEFAULT_THRESHOLD, build_report, read_report, write_report
+from labelscan.workspace import DataSource, Manifest, ModelSource, Workspace, open_model_and_data
+
+Progress = Callable[[str, int], Callable[[int], None]]
+"""``progress(description, total)`` returns a callback advanced by the number of rows done."""
+
+
+def _silent(description: str, total: int) -> Callable[[int], None]:
+    return lambda done: None
+
+
+def summarize_job(
+    workspace: Workspace,
+    model: ModelSource,
+    data: DataSource,
+    *,
+    per_class: bool = True,
+    covariance: str = "auto",
+    batch_size: int = 512,
+    progress: Progress = _silent,
+) -> tuple[LaftrSummary, Manifest]:
+    """Summarize DATA at the model's θs into the workspace, with its manifest."""
+    model = replace(model, path=str(Path(model.path).resolve()))
+    data = replace(data, path=str(Path(data.path).resolve()))
+    net, dataset = open_model_and_data(model, data)
+    options = {"per_class": per_class, "covariance": covariance}
+    summary = summarize(net, dataset, per_class=per_class, covariance=covariance, batch_size=batch_size,
+                        metadata={"labelscan_version": __version__, **options},
+                        on_batch=progress("summarizing", dataset.num_rows))
+    manifest = Manifest(
+        model=model, data=data, model_fingerprint=file_fingerprint(Path(model.path)),
+        data_fingerprint=dataset.fingerprint(), summary_fingerprint="", num_rows=dataset.num_rows,
+        label_names=dataset.label_names, options=options,
+    )
+    workspace.save(summary, manifest)
+    return summary, manifest
+
+
+@dataclass
+class RankResult:
+    report: pd.DataFrame
+    metadata: dict
+    path: Path
+
+
+def rank_job(
+    workspace: Workspace,
+    settings: InfluenceSettings,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    out: Path | None = None,
+    checkpoints: list[Path] = (),
+    data: DataSource | None = None,
+    progress: Progress = _silent,
+) -> RankResult:
+    """Score the summarized training set (or ``data``, new examples) and write the report."""
+    manifest = workspace.manifest()
+    workspace.check_unchanged(manifest)
+    summary = workspace.summary(manifest)
+    if data is None:
+        dataset = manifest.data.open(num_classes=summary.net.num_outputs)
+        workspace.check_unchanged(manifest, dataset)
+        label_names = manifest.label_names
+    else:
+        dataset = data.open(num_classes=summary.net.num_outputs)
+        label_names = dataset.label_names
+    nets = [_load_checkpoint(path, manifest.model, summary.net) for path in checkpoints]
+    scores = self_influence(summary, dataset, settings, checkpoints=nets,
+                            on_batch=progress(f"scoring ({settings.method})", dataset.num_rows))
+    report = build_report(scores, label_names, threshold)
+    metadata = {
+        "labelscan_version": __version__,
+        "method": settings.method,
+        "settings": settings.as_dict(),
+        "solver": scores.solver,
+        "threshold": threshold,
+        "seed": settings.seed,
+        "model_fingerprint": manifest.model_fingerprint,
+        "data_fingerprint": dataset.fingerprint(),
+        "summary_fingerprint": manifest.summary_fingerprint,
+        "training_data": data is None,
+        "label_names": label_names,
+        "checkpoints": [file_fingerprint(p) for p in checkpoints],
+    }
+    path = Path(out) if out is not None else workspace.report_path
+    write_report(report, path, metadata)
+    return RankResult(report, metadata, path)
+
+
+def current_report(workspace: Workspace) -> RankResult | None:
+    """The workspace's report, if it describes the summarized model, data and summary as they are now."""
+    if not workspace.report_path.exists():
+        return None
+    manifest = workspace.manifest()
+    report, metadata = read_report(workspace.report_path)
+    current = (
+        metadata.get("training_data")
+        and metadata.get("model_fingerprint") == manifest.model_fingerprint
+        and metadata.get("summary_fingerprint") == manifest.summary_fingerprint
+        and metadata.get("data_fingerprint") == manifest.data_fingerprint
+    )
+    return RankResult(report, metadata, workspace.report_path) if current else None
+
+
+@dataclass
+class GateResult:
+    """The data-quality gate's verdict; ``new_flags`` counts flags absent from the baseline."""
+
+    rows: int
+    flagged: int
+    considered: int
+    max_fraction: float
+    baseline: str | None
+
+    @property
+    def fraction(self) -> float:
+        return self.considered / self.rows if self.rows else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.fraction <= self.max_fraction
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "flagged": self.flagged, "gated_flags": self.considered,
+                "flagged_fraction": self.fraction, "max_flagged_fraction": self.max_fraction,
+                "baseline": self.baseline, "passed": self.passed}
+
+
+def gate(report: pd.DataFrame, max_fraction: float, baseline: Path | None = None) -> GateResult:
+    """Pass when the fraction of flagged rows (only those new relative to ``baseline``) is within ``max_fraction``."""
+    if not 0 <= max_fraction <= 1:
+        raise LabelscanError(f"--max-flagged-fraction must be between 0 and 1, got {max_fraction}")
+    flagged = report[report["flagged"]]
+    considered = flagged
+    if baseline is not None:
+        previous, _ = read_report(baseline)
+        known = set(previous.loc[previous["flagged"], "example_id"])
+        considered = flagged[~flagged["example_id"].isin(known)]
+    return GateResult(len(report), len(flagged), len(considered), max_fraction,
+                      str(baseline) if baseline is not None else None)
+
+
+def fsd_job(workspace: Workspace, model_a: ModelSource, model_b: ModelSource, *, samples: int, seed: int) -> float:
+    """LAFTR FSD between two checkpoints of the summarized architecture."""
+    manifest = workspace.manifest()
+    summary = workspace.summary(manifest)
+    nets = [_load_checkpoint(Path(m.path), m, summary.net) for m in (model_a, model_b)]
+    return fsd(summary, nets[1], nets[0], samples=samples, seed=seed)
+
+
+def _load_checkpoint(path: Path, like: ModelSource, summarized: LaftrNet) -> LaftrNet:
+    """Another checkpoint of the summarized network, loaded with the same options."""
+    net = load_model(path, input_shape=tuple(like.input_shape) if like.input_shape else summarized.input_shape,
+                     trust_checkpoint=like.trust_checkpoint, arch=like.arch)
+    if net.spec() != summarized.spec() or net.input_shape != summarized.input_shape:
+        raise LabelscanError(f"{path} is not a checkpoint of the summarized architecture; "
+                             "FSD and TracIn compare settings of one network")
+    return net
+
