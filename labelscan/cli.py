@@ -18,8 +18,8 @@ from labelscan import __version__
 from labelscan.data import Preprocessing
 from labelscan.errors import LabelscanError
 from labelscan.influence.scoring import METHODS, InfluenceSettings
-from labelscan.jobs import current_report, fsd_job, gate, rank_job, summarize_job
-from labelscan.report import DEFAULT_THRESHOLD, top_table
+from labelscan.jobs import check_job, fsd_job, rank_job, summarize_job
+from labelscan.report import top_table
 from labelscan.workspace import DEFAULT_WORKSPACE, DataSource, ModelSource, Workspace
 
 app = typer.Typer(
@@ -144,7 +144,7 @@ SAMPLES = typer.Option(2000, help="LAFTR draws for the curvature.")
 DAMPING = typer.Option(0.1, help="λ as a multiple of the mean curvature eigenvalue.")
 EPSILON = typer.Option(0.01, help="Up-weighting ε of the proximal solver.")
 STEPS = typer.Option(5, help="Gradient steps of the proximal solver.")
-THRESHOLD = typer.Option(DEFAULT_THRESHOLD, help="Flag examples whose self-influence exceeds this.")
+THRESHOLD = typer.Option(None, help="Flag examples whose score exceeds this (default 4 for linear; other methods need one).")
 BATCH = typer.Option(256, min=1, help="Examples scored at once.")
 
 
@@ -159,7 +159,7 @@ def rank(
     damping: float = DAMPING,
     epsilon: float = EPSILON,
     steps: int = STEPS,
-    threshold: float = THRESHOLD,
+    threshold: Optional[float] = THRESHOLD,
     checkpoint: list[Path] = typer.Option([], help="Training checkpoints for --method tracin (repeat)."),
     batch_size: int = BATCH,
 ) -> None:
@@ -188,22 +188,14 @@ def check(
     damping: float = DAMPING,
     epsilon: float = EPSILON,
     steps: int = STEPS,
-    threshold: float = THRESHOLD,
+    threshold: Optional[float] = THRESHOLD,
     batch_size: int = BATCH,
 ) -> None:
     """CI data-quality gate: exit 0 when the flagged fraction is within the limit, 1 when not."""
     with _errors(), _progress() as progress:
-        space = Workspace(workspace)
         settings = _settings(method, seed, samples, damping, epsilon, steps, batch_size)
-        if data is not None:
-            manifest = space.manifest()
-            source = DataSource(str(data), manifest.data.label_column, manifest.data.id_column,
-                                manifest.data.preprocessing)
-            result = rank_job(space, settings, threshold=threshold, out=space.root / "check-report.parquet",
-                              data=source, progress=progress)
-        else:
-            result = current_report(space) or rank_job(space, settings, threshold=threshold, progress=progress)
-        verdict = gate(result.report, max_flagged_fraction, baseline)
+        result, verdict = check_job(Workspace(workspace), settings, max_fraction=max_flagged_fraction,
+                                    threshold=threshold, data=data, baseline=baseline, progress=progress)
     summary = verdict.as_dict() | {"report": str(result.path), "method": result.metadata["method"]}
     if output_format.value == "json":
         out.print_json(json.dumps(summary))

@@ -57,7 +57,7 @@ def run_demo(fixtures: Path, progress: Progress) -> DemoResult:
     hits = int((truth & flagged).sum())
     return DemoResult(
         report=report,
-        gate=gate(report, GATE_FRACTION),
+        gate=gate(result, GATE_FRACTION),
         flipped=len(flips),
         precision=hits / max(int(flagged.sum()), 1),
         recall=hits / len(flips),

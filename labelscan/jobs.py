@@ -15,10 +15,10 @@ import pandas as pd
 from labelscan import __version__
 from labelscan.errors import LabelscanError
 from labelscan.influence.scoring import InfluenceSettings
-from labelscan.model import LaftrNet, file_fingerprint, load_model
+from labelscan.model import LaftrNet, checkpoint_kind, file_fingerprint, load_model
 from labelscan.pipeline import fsd, self_influence, summarize
 from labelscan.laftr.summary import LaftrSummary
-from labelscan.report import DEFAULT_THRESHOLD, build_report, read_report, write_report
+from labelscan.report import build_report, default_threshold, read_report, write_report
 from labelscan.workspace import DataSource, Manifest, ModelSource, Workspace, open_model_and_data
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -67,13 +67,18 @@ def rank_job(
     workspace: Workspace,
     settings: InfluenceSettings,
     *,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     out: Path | None = None,
     checkpoints: list[Path] = (),
     data: DataSource | None = None,
     progress: Progress = _silent,
 ) -> RankResult:
-    """Score the summarized training set (or ``data``, new examples) and write the report."""
+    """Score the summarized training set (or ``data``, new examples) and write the report.
+
+    ``threshold=None`` takes the method's default flagging threshold, if it has one.
+    """
+    if threshold is None:
+        threshold = default_threshold(settings.method)
     manifest = workspace.manifest()
     workspace.check_unchanged(manifest)
     summary = workspace.summary(manifest)
@@ -107,8 +112,9 @@ def rank_job(
     return RankResult(report, metadata, path)
 
 
-def current_report(workspace: Workspace) -> RankResult | None:
-    """The workspace's report, if it describes the summarized model, data and summary as they are now."""
+def current_report(workspace: Workspace, settings: InfluenceSettings, threshold: float | None = None) -> RankResult | None:
+    """The workspace's report, if it describes the summarized model, data and summary as they
+    are now, and was made with these settings and threshold."""
     if not workspace.report_path.exists():
         return None
     manifest = workspace.manifest()
@@ -118,6 +124,8 @@ def current_report(workspace: Workspace) -> RankResult | None:
         and metadata.get("model_fingerprint") == manifest.model_fingerprint
         and metadata.get("summary_fingerprint") == manifest.summary_fingerprint
         and metadata.get("data_fingerprint") == manifest.data_fingerprint
+        and metadata.get("settings") == settings.as_dict()
+        and metadata.get("threshold") == (threshold if threshold is not None else default_threshold(settings.method))
     )
     return RankResult(report, metadata, workspace.report_path) if current else None
 
@@ -146,8 +154,12 @@ class GateResult:
                 "baseline": self.baseline, "passed": self.passed}
 
 
-def gate(report: pd.DataFrame, max_fraction: float, baseline: Path | None = None) -> GateResult:
+def gate(result: RankResult, max_fraction: float, baseline: Path | None = None) -> GateResult:
     """Pass when the fraction of flagged rows (only those new relative to ``baseline``) is within ``max_fraction``."""
+    if result.metadata.get("threshold") is None:
+        raise LabelscanError(f"method {result.metadata.get('method')} has no default flagging threshold; "
+                             "pass --threshold, or use --method linear")
+    report = result.report
     if not 0 <= max_fraction <= 1:
         raise LabelscanError(f"--max-flagged-fraction must be between 0 and 1, got {max_fraction}")
     flagged = report[report["flagged"]]
@@ -160,6 +172,39 @@ def gate(report: pd.DataFrame, max_fraction: float, baseline: Path | None = None
                       str(baseline) if baseline is not None else None)
 
 
+def check_job(
+    workspace: Workspace,
+    settings: InfluenceSettings,
+    *,
+    max_fraction: float,
+    threshold: float | None = None,
+    data: Path | None = None,
+    baseline: Path | None = None,
+    progress: Progress = _silent,
+) -> tuple[RankResult, GateResult]:
+    """The CI gate: reuse a current report or rank, then gate (``data``: score new examples only).
+
+    New data is read with the training data's columns and preprocessing and reported to
+    ``check-report.parquet``, leaving the training report alone.
+    """
+    if threshold is None and default_threshold(settings.method) is None:
+        raise LabelscanError(f"method {settings.method} has no default flagging threshold; "
+                             "pass --threshold, or use --method linear")
+    if not 0 <= max_fraction <= 1:
+        raise LabelscanError(f"--max-flagged-fraction must be between 0 and 1, got {max_fraction}")
+    if baseline is not None:
+        read_report(baseline)
+    if data is not None:
+        known = workspace.manifest().data
+        source = DataSource(str(data), known.label_column, known.id_column, known.preprocessing)
+        result = rank_job(workspace, settings, threshold=threshold, out=workspace.root / "check-report.parquet",
+                          data=source, progress=progress)
+    else:
+        result = current_report(workspace, settings, threshold) or rank_job(
+            workspace, settings, threshold=threshold, progress=progress)
+    return result, gate(result, max_fraction, baseline)
+
+
 def fsd_job(workspace: Workspace, model_a: ModelSource, model_b: ModelSource, *, samples: int, seed: int) -> float:
     """LAFTR FSD between two checkpoints of the summarized architecture."""
     manifest = workspace.manifest()
@@ -170,10 +215,9 @@ def fsd_job(workspace: Workspace, model_a: ModelSource, model_b: ModelSource, *,
 
 def _load_checkpoint(path: Path, like: ModelSource, summarized: LaftrNet) -> LaftrNet:
     """Another checkpoint of the summarized network, loaded with the same options."""
-    net = load_model(path, input_shape=tuple(like.input_shape) if like.input_shape else summarized.input_shape,
-                     trust_checkpoint=like.trust_checkpoint, arch=like.arch)
+    shape = None if checkpoint_kind(Path(path)) == "export" else summarized.input_shape
+    net = load_model(path, input_shape=shape, trust_checkpoint=like.trust_checkpoint, arch=like.arch)
     if net.spec() != summarized.spec() or net.input_shape != summarized.input_shape:
         raise LabelscanError(f"{path} is not a checkpoint of the summarized architecture; "
                              "FSD and TracIn compare settings of one network")
     return net
-

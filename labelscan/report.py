@@ -1,11 +1,12 @@
 """Scores → ranked DataFrame → Parquet with metadata, and the rich table people read.
 
-Flagging rule: an example is flagged when its self-influence exceeds ``threshold``
-(default 4). For the ``linear`` method the score is gᵀ(H + λI)⁻¹g with H the curvature of
-the *average* discrepancy over the training distribution, so score / N is the example's
-influence on its own fit as a share of the whole training set — the quantity Cook's
-distance measures for regression — and the threshold is Cook's 4/N rule of thumb. Other
-methods score on scales of their own; pass a threshold suited to them.
+Flagging rule: an example is flagged when its self-influence exceeds a threshold. For the
+``linear`` method the score is gᵀ(H + λI)⁻¹g with H the curvature of the *average*
+discrepancy over the training distribution, so score / N is the example's influence on its
+own fit as a share of the whole training set — what Cook's distance measures for
+regression — and the default threshold 4 is Cook's 4/N rule of thumb. Other methods score
+on scales of their own (the proximal solver's few steps stop far short of the linear
+limit), so they flag only with an explicit threshold.
 
 Suggested label: for a flagged example, the class the model finds most probable among the
 classes other than the given one (a memorizing model predicts the given label, so its
@@ -27,7 +28,7 @@ from labelscan.errors import LabelscanError
 from labelscan.influence.scoring import ExampleScores
 from labelscan.workspace import write_atomically
 
-DEFAULT_THRESHOLD = 4.0
+DEFAULT_THRESHOLDS = {"linear": 4.0}
 METADATA_KEY = b"labelscan"
 
 SCHEMA = pa.schema([
@@ -43,12 +44,20 @@ SCHEMA = pa.schema([
 ])
 
 
-def build_report(scores: ExampleScores, label_names: list[str], threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """One row per example in data order; ``rank`` 1 is the most suspicious (ties keep data order)."""
+def default_threshold(method: str) -> float | None:
+    """The flagging threshold a method has by default, or None where it has none."""
+    return DEFAULT_THRESHOLDS.get(method)
+
+
+def build_report(scores: ExampleScores, label_names: list[str], threshold: float | None) -> pd.DataFrame:
+    """One row per example in data order; ``rank`` 1 is the most suspicious (ties keep data order).
+
+    With ``threshold=None`` nothing is flagged.
+    """
     order = np.lexsort((scores.rows, -scores.score))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(1, len(order) + 1)
-    flagged = scores.score > threshold
+    flagged = scores.score > threshold if threshold is not None else np.zeros(len(order), dtype=bool)
     suggested = np.where(flagged, scores.runner_up, scores.given)
     name = _namer(label_names)
     return pd.DataFrame({
@@ -91,15 +100,15 @@ def read_report(path: Path) -> tuple[pd.DataFrame, dict]:
 def top_table(report: pd.DataFrame, k: int, title: str) -> Table:
     """The ``k`` most suspicious examples as a rich table."""
     table = Table(title=title, title_justify="left")
-    for column, justify in (("rank", "right"), ("row", "right"), ("example_id", "left"), ("given", "left"),
-                            ("predicted", "left"), ("suggested", "left"), ("self-influence", "right"),
-                            ("loss", "right"), ("flagged", "center")):
-        table.add_column(column, justify=justify)
+    for column, justify in (("rank", "right"), ("row", "right"), ("id", "left"), ("given", "left"),
+                            ("pred", "left"), ("suggest", "left"), ("score", "right"),
+                            ("loss", "right"), ("flag", "center")):
+        table.add_column(column, justify=justify, no_wrap=column == "id")
     for entry in report.nsmallest(k, "rank").itertuples():
         table.add_row(
             str(entry.rank), str(entry.row), entry.example_id, entry.given_label, entry.predicted_label,
             entry.suggested_label, f"{entry.self_influence:.4g}", f"{entry.loss:.4g}",
-            "[red]yes[/red]" if entry.flagged else "",
+            "[red]●[/red]" if entry.flagged else "",
         )
     return table
 

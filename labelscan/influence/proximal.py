@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 
 from labelscan.laftr.fsd import LaftrDraws, stochastic_fsd
 from labelscan.laftr.gated import forward
@@ -35,19 +35,33 @@ def proximal_scores(
     def example_loss(theta, example, label):
         return F.cross_entropy(forward(net, theta, example.unsqueeze(0)), label.unsqueeze(0))
 
-    def objective(theta, example, label):
+    def objective(delta, example, label):
+        theta = {k: reference[k] + delta[k] for k in reference}
         distance = stochastic_fsd(theta, draws, kind)
-        proximity = sum(((theta[k] - reference[k]) ** 2).sum() for k in theta)
+        proximity = sum((d**2).sum() for d in delta.values())
         return distance + epsilon * example_loss(theta, example, label) + 0.5 * damping * proximity
 
     step = vmap(grad(objective))
-    losses = vmap(example_loss)
     batch = len(x)
-    theta = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in reference.items()}
+    delta = {k: torch.zeros(batch, *v.shape) for k, v in reference.items()}
     with torch.no_grad():
-        before = losses(theta, x, y).double()
         for _ in range(steps):
-            gradient = step(theta, x, y)
-            theta = {k: theta[k] - learning_rate * gradient[k] for k in theta}
-        after = losses(theta, x, y).double()
-    return (before - after) / epsilon
+            gradient = step(delta, x, y)
+            delta = {k: delta[k] - learning_rate * gradient[k] for k in delta}
+        return _loss_decrease(net, delta, x, y) / epsilon
+
+
+def _loss_decrease(net, delta, x, y) -> torch.Tensor:
+    """ℓ(θs) − ℓ(θs + Δ) per example, in float64: the decrease is often below float32 resolution."""
+    state = {k: v.double() for k, v in net.layers.state_dict().items()}
+
+    def example_loss(shift, example, label):
+        theta = {k: v + shift[k] if k in shift else v for k, v in state.items()}
+        logits = functional_call(net.layers, theta, (example.unsqueeze(0),))
+        return F.cross_entropy(logits, label.unsqueeze(0))
+
+    shifts = {k: v.double() for k, v in delta.items()}
+    zeros = {k: torch.zeros_like(v) for k, v in shifts.items()}
+    before = vmap(example_loss, in_dims=(None, 0, 0))({k: v[0] for k, v in zeros.items()}, x.double(), y)
+    after = vmap(example_loss)(shifts, x.double(), y)
+    return before - after
