@@ -80,15 +80,15 @@ def rank_job(
     if threshold is None:
         threshold = default_threshold(settings.method)
     manifest = workspace.manifest()
-    workspace.check_unchanged(manifest)
     summary = workspace.summary(manifest)
     if data is None:
         dataset = manifest.data.open(num_classes=summary.net.num_outputs)
         workspace.check_unchanged(manifest, dataset)
-        label_names = manifest.label_names
+        label_names, data_fingerprint = manifest.label_names, manifest.data_fingerprint
     else:
-        dataset = data.open(num_classes=summary.net.num_outputs)
-        label_names = dataset.label_names
+        workspace.check_unchanged(manifest)
+        dataset = data.open(num_classes=summary.net.num_outputs, class_names=manifest.label_names, training=False)
+        label_names, data_fingerprint = dataset.label_names, dataset.fingerprint()
     nets = [_load_checkpoint(path, manifest.model, summary.net) for path in checkpoints]
     scores = self_influence(summary, dataset, settings, checkpoints=nets,
                             on_batch=progress(f"scoring ({settings.method})", dataset.num_rows))
@@ -101,7 +101,7 @@ def rank_job(
         "threshold": threshold,
         "seed": settings.seed,
         "model_fingerprint": manifest.model_fingerprint,
-        "data_fingerprint": dataset.fingerprint(),
+        "data_fingerprint": data_fingerprint,
         "summary_fingerprint": manifest.summary_fingerprint,
         "training_data": data is None,
         "label_names": label_names,

@@ -47,9 +47,11 @@ class DataSource:
     id_column: str | None = None
     preprocessing: dict = field(default_factory=lambda: Preprocessing().to_dict())
 
-    def open(self, num_classes: int | None = None) -> Dataset:
+    def open(self, num_classes: int | None = None, class_names: list[str] | None = None,
+             training: bool = True) -> Dataset:
         return open_dataset(self.path, label_column=self.label_column, id_column=self.id_column,
-                            preprocessing=Preprocessing.from_dict(self.preprocessing), num_classes=num_classes)
+                            preprocessing=Preprocessing.from_dict(self.preprocessing), num_classes=num_classes,
+                            class_names=class_names, training=training)
 
 
 def open_model_and_data(source: ModelSource, data: DataSource) -> tuple[LaftrNet, Dataset]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from labelscan.data.dataset import Dataset, first_line, reading
-from labelscan.data.labels import encode_labels
+from labelscan.data.labels import LabelSpec, encode_labels
 from labelscan.data.preprocessing import Preprocessing
 from labelscan.errors import LabelscanError
 
@@ -19,7 +19,7 @@ class NpzDataset(Dataset):
     """X (N, F), (N, H, W) or (N, C, H, W); y (N,); ids (N,) optional. Never unpickles."""
 
     def __init__(
-        self, path: Path, *, preprocessing: Preprocessing, num_classes: int | None
+        self, path: Path, *, preprocessing: Preprocessing, label_spec: LabelSpec
     ) -> None:
         x, y, ids = _load(path)
         if x.dtype.kind not in "biuf" or x.ndim not in (2, 3, 4):
@@ -45,7 +45,7 @@ class NpzDataset(Dataset):
             ids=None if ids is None else ids.astype(str).tolist(),
             feature_shape=x.shape[1:] if x.ndim != 3 else (1, *x.shape[1:]),
             preprocessing=preprocessing,
-            num_classes=num_classes,
+            label_spec=label_spec,
         )
 
     def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:

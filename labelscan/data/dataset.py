@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from labelscan.data.fingerprint import fingerprint_files
-from labelscan.data.labels import check_labels
+from labelscan.data.labels import LabelSpec, check_labels
 from labelscan.data.preprocessing import Preprocessing
 from labelscan.errors import LabelscanError
 
@@ -72,18 +72,19 @@ class Dataset(ABC):
         ids: list[str] | None,
         feature_shape: tuple[int, ...],
         preprocessing: Preprocessing,
-        num_classes: int | None,
+        label_spec: LabelSpec,
     ) -> None:
         self.path = path
         self.num_rows = len(labels)
         self.feature_shape = tuple(int(d) for d in feature_shape)
-        self.label_names = list(label_names)
-        if self.num_rows < 2:
+        if label_spec.training and self.num_rows < 2:
             raise LabelscanError(
                 f"{path}: the data has only {self.num_rows} row(s); "
                 "labelscan needs at least 2 examples"
             )
-        check_labels(labels, self.label_names, label_source, num_classes)
+        labels, label_names = label_spec.adopt(labels, list(label_names), label_source)
+        self.label_names = label_names
+        check_labels(labels, self.label_names, label_source, label_spec)
         if ids is not None:
             _check_unique(ids, path)
         preprocessing.check(self.feature_shape)

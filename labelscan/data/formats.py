@@ -8,6 +8,7 @@ from labelscan.data.arrays import NpzDataset
 from labelscan.data.dataset import Dataset, visible
 from labelscan.data.idx import IdxDataset, is_idx_images
 from labelscan.data.images import ImageFolderDataset
+from labelscan.data.labels import LabelSpec
 from labelscan.data.preprocessing import Preprocessing
 from labelscan.data.tables import CsvDataset, ParquetDataset
 from labelscan.errors import LabelscanError
@@ -25,14 +26,19 @@ def open_dataset(
     id_column: str | None = None,
     preprocessing: Preprocessing = Preprocessing(),
     num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    training: bool = True,
 ) -> Dataset:
     """Open DATA and validate its labels and ids (features are checked as batches stream).
 
     label_column and id_column apply to tables; num_classes, when given, bounds the labels.
+    ``class_names`` (the training set's) re-indexes named labels of new data to match, and
+    ``training=False`` allows the single-row or single-class batches new data may come in.
     """
     path = Path(path)
     table = {"label_column": label_column, "id_column": id_column}
-    common = {"preprocessing": preprocessing, "num_classes": num_classes}
+    spec = LabelSpec(num_classes, tuple(class_names or ()), training)
+    common = {"preprocessing": preprocessing, "label_spec": spec}
     if not path.exists():
         raise LabelscanError(f"{path}: no such file or folder; check the DATA path")
     if path.is_dir():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from labelscan.data.dataset import Dataset, reading
-from labelscan.data.labels import encode_labels
+from labelscan.data.labels import LabelSpec, encode_labels
 from labelscan.data.preprocessing import Preprocessing
 from labelscan.errors import LabelscanError
 
@@ -42,7 +42,7 @@ class IdxDataset(Dataset):
     """Images (N, rows, cols) uint8 as (N, 1, rows, cols); labels (N,) uint8. Loaded whole."""
 
     def __init__(
-        self, images: Path, *, path: Path, preprocessing: Preprocessing, num_classes: int | None
+        self, images: Path, *, path: Path, preprocessing: Preprocessing, label_spec: LabelSpec
     ) -> None:
         labels_file = labels_beside(images)
         self._images = _read(images, 3)
@@ -62,7 +62,7 @@ class IdxDataset(Dataset):
             ids=None,
             feature_shape=(1, *self._images.shape[1:]),
             preprocessing=preprocessing,
-            num_classes=num_classes,
+            label_spec=label_spec,
         )
 
     def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:

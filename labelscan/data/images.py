@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from labelscan.data.dataset import Dataset, reading, visible
+from labelscan.data.labels import LabelSpec
 from labelscan.data.preprocessing import Preprocessing
 from labelscan.errors import LabelscanError
 
@@ -24,7 +25,7 @@ class ImageFolderDataset(Dataset):
     when batches ask for them. Example ids are "class/filename"."""
 
     def __init__(
-        self, path: Path, *, preprocessing: Preprocessing, num_classes: int | None
+        self, path: Path, *, preprocessing: Preprocessing, label_spec: LabelSpec
     ) -> None:
         classes = visible(path)
         for entry in classes:
@@ -73,7 +74,7 @@ class ImageFolderDataset(Dataset):
             ids=[f"{f.parent.name}/{f.name}" for f in self._images],
             feature_shape=(_CHANNELS[first_mode], height, width),
             preprocessing=preprocessing,
-            num_classes=num_classes,
+            label_spec=label_spec,
         )
 
     def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from labelscan.errors import LabelscanError
@@ -44,8 +46,34 @@ def encode_labels(values: np.ndarray, source: str) -> tuple[np.ndarray, list[str
     return values.astype(np.int64), []
 
 
-def check_labels(codes: np.ndarray, names: list[str], source: str, num_classes: int | None) -> None:
-    """Refuse negative labels, labels outside num_classes, and data with a single class."""
+@dataclass(frozen=True)
+class LabelSpec:
+    """What the labels must fit: the model's class count, the training set's class names (new
+    data must use the same names, mapped to the same indices), and whether this is a training
+    set (which needs at least two rows and two classes; a batch of new data need not)."""
+
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    training: bool = True
+
+    def adopt(self, codes: np.ndarray, names: list[str], source: str) -> tuple[np.ndarray, list[str]]:
+        """Re-index named labels to the training set's class names; unknown names are refused."""
+        if not self.class_names or not names:
+            return codes, names
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            row = int(np.argmax(np.isin(np.asarray(names)[codes], unknown)))
+            raise LabelscanError(
+                f"{source}: label {unknown[0]!r} at row {row} is not one of the training classes "
+                f"({', '.join(self.class_names)}); fix the label"
+            )
+        return np.asarray([index[name] for name in names], dtype=np.int64)[codes], list(self.class_names)
+
+
+def check_labels(codes: np.ndarray, names: list[str], source: str, spec: LabelSpec) -> None:
+    """Refuse negative labels, labels outside the model's classes, and training data with a single class."""
+    num_classes = spec.num_classes
 
     def shown(row: int) -> str:
         return repr(names[codes[row]]) if names else str(codes[row])
@@ -64,7 +92,7 @@ def check_labels(codes: np.ndarray, names: list[str], source: str, num_classes: 
                 "fix the label or the number of classes"
             )
     present = np.unique(codes)
-    if len(present) < 2:
+    if spec.training and len(present) < 2:
         raise LabelscanError(
             f"{source}: every example has the single class {shown(0)}; "
             "labelscan needs examples of at least two classes"

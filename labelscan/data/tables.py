@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from labelscan.data.dataset import Dataset, reading
-from labelscan.data.labels import encode_labels
+from labelscan.data.labels import LabelSpec, encode_labels
 from labelscan.data.preprocessing import Preprocessing
 from labelscan.errors import LabelscanError
 
@@ -38,7 +38,7 @@ class _Table(Dataset):
         label_column: str,
         id_column: str | None,
         preprocessing: Preprocessing,
-        num_classes: int | None,
+        label_spec: LabelSpec,
     ) -> None:
         self._features = _feature_columns(schema, path, label_column, id_column)
         source = f"{path} column {label_column!r}"
@@ -58,7 +58,7 @@ class _Table(Dataset):
             ids=ids,
             feature_shape=(len(self._features),),
             preprocessing=preprocessing,
-            num_classes=num_classes,
+            label_spec=label_spec,
         )
 
 
@@ -74,7 +74,7 @@ class ParquetDataset(_Table):
         label_column: str,
         id_column: str | None,
         preprocessing: Preprocessing,
-        num_classes: int | None,
+        label_spec: LabelSpec,
     ) -> None:
         keys = _key_columns(label_column, id_column)
         schema, parts = None, []
@@ -97,7 +97,7 @@ class ParquetDataset(_Table):
             label_column=label_column,
             id_column=id_column,
             preprocessing=preprocessing,
-            num_classes=num_classes,
+            label_spec=label_spec,
         )
 
     def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:
@@ -117,7 +117,7 @@ class CsvDataset(_Table):
         label_column: str,
         id_column: str | None,
         preprocessing: Preprocessing,
-        num_classes: int | None,
+        label_spec: LabelSpec,
     ) -> None:
         keys = _key_columns(label_column, id_column)
         with reading(path, "CSV file"):
@@ -140,7 +140,7 @@ class CsvDataset(_Table):
             label_column=label_column,
             id_column=id_column,
             preprocessing=preprocessing,
-            num_classes=num_classes,
+            label_spec=label_spec,
         )
 
     def _chunks(self, batch_size: int) -> Iterator[np.ndarray]:
