@@ -22,6 +22,7 @@ from labelscan.laftr.summary import LaftrSummary
 from labelscan.model import LaftrNet
 
 DISCREPANCIES = ("kl", "squared")
+CLOSED_FORM_MAX_UNITS = 4096  # its second-moment matrices are (2n)² per layer
 
 
 def discrepancy(reference: torch.Tensor, candidate: torch.Tensor, kind: str = "kl") -> torch.Tensor:
@@ -95,6 +96,10 @@ def deterministic_fsd(summary: LaftrSummary, params: dict[str, torch.Tensor]) ->
     net = summary.net
     if any(isinstance(layer, nn.MaxPool2d) for layer in net.layers):
         raise LabelscanError("the closed-form FSD cannot model MaxPool layers; use the stochastic estimate")
+    widest = max(math.prod(a.shape[1:]) for a in summary.active) if summary.active else 0
+    if max(widest, math.prod(net.input_shape)) > CLOSED_FORM_MAX_UNITS:
+        raise LabelscanError(f"the closed-form FSD handles layers of up to {CLOSED_FORM_MAX_UNITS} units; "
+                             "use the stochastic estimate for this network")
     reference = net.params()
     total = torch.zeros((), dtype=torch.float64)
     for component in range(summary.num_components):
