@@ -52,7 +52,7 @@ def _errors():
 @contextmanager
 def _progress():
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
         def start(description: str, total: int):
             task = bar.add_task(description, total=total)
             return lambda done: bar.advance(task, done)

@@ -15,7 +15,8 @@ import pandas as pd
 from labelscan import __version__
 from labelscan.errors import LabelscanError
 from labelscan.influence.scoring import InfluenceSettings
-from labelscan.model import LaftrNet, checkpoint_kind, file_fingerprint, load_model
+from labelscan.files import check_writable, file_fingerprint
+from labelscan.model import LaftrNet, checkpoint_kind, load_model
 from labelscan.pipeline import fsd, self_influence, summarize
 from labelscan.laftr.summary import LaftrSummary
 from labelscan.report import build_report, default_threshold, read_report, write_report
@@ -42,16 +43,15 @@ def summarize_job(
     """Summarize DATA at the model's θs into the workspace, with its manifest."""
     model = replace(model, path=str(Path(model.path).resolve()))
     data = replace(data, path=str(Path(data.path).resolve()))
+    workspace.check_folder()
     net, dataset = open_model_and_data(model, data)
+    fingerprints = {"model_fingerprint": file_fingerprint(Path(model.path)), "data_fingerprint": dataset.fingerprint()}
     options = {"per_class": per_class, "covariance": covariance}
     summary = summarize(net, dataset, per_class=per_class, covariance=covariance, batch_size=batch_size,
-                        metadata={"labelscan_version": __version__, **options},
+                        metadata={"labelscan_version": __version__, **options, **fingerprints},
                         on_batch=progress("summarizing", dataset.num_rows))
-    manifest = Manifest(
-        model=model, data=data, model_fingerprint=file_fingerprint(Path(model.path)),
-        data_fingerprint=dataset.fingerprint(), summary_fingerprint="", num_rows=dataset.num_rows,
-        label_names=dataset.label_names, options=options,
-    )
+    manifest = Manifest(model=model, data=data, summary_fingerprint="", num_rows=dataset.num_rows,
+                        label_names=dataset.label_names, options=options, **fingerprints)
     workspace.save(summary, manifest)
     return summary, manifest
 
@@ -80,13 +80,15 @@ def rank_job(
     if threshold is None:
         threshold = default_threshold(settings.method)
     manifest = workspace.manifest()
+    path = Path(out) if out is not None else workspace.report_path
+    check_writable(path)
     summary = workspace.summary(manifest)
     if data is None:
         dataset = manifest.data.open(num_classes=summary.net.num_outputs)
-        workspace.check_unchanged(manifest, dataset)
+        workspace.verify(manifest, dataset)
         label_names, data_fingerprint = manifest.label_names, manifest.data_fingerprint
     else:
-        workspace.check_unchanged(manifest)
+        workspace.verify(manifest)
         dataset = data.open(num_classes=summary.net.num_outputs, class_names=manifest.label_names, training=False)
         label_names, data_fingerprint = dataset.label_names, dataset.fingerprint()
     nets = [_load_checkpoint(path, manifest.model, summary.net) for path in checkpoints]
@@ -107,7 +109,6 @@ def rank_job(
         "label_names": label_names,
         "checkpoints": [file_fingerprint(p) for p in checkpoints],
     }
-    path = Path(out) if out is not None else workspace.report_path
     write_report(report, path, metadata)
     return RankResult(report, metadata, path)
 
@@ -118,6 +119,7 @@ def current_report(workspace: Workspace, settings: InfluenceSettings, threshold:
     if not workspace.report_path.exists():
         return None
     manifest = workspace.manifest()
+    workspace.verify(manifest, manifest.data.open())
     report, metadata = read_report(workspace.report_path)
     current = (
         metadata.get("training_data")
@@ -197,7 +199,7 @@ def check_job(
     if data is not None:
         known = workspace.manifest().data
         source = DataSource(str(data), known.label_column, known.id_column, known.preprocessing)
-        result = rank_job(workspace, settings, threshold=threshold, out=workspace.root / "check-report.parquet",
+        result = rank_job(workspace, settings, threshold=threshold, out=workspace.check_report_path,
                           data=source, progress=progress)
     else:
         result = current_report(workspace, settings, threshold) or rank_job(

@@ -8,13 +8,13 @@ else is refused with the offending layer named, before any statistics are comput
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import logging
 import sys
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,15 +78,6 @@ class LaftrNet:
         return cls(layers.eval().requires_grad_(False), tuple(input_shape), num_outputs)
 
 
-def file_fingerprint(path: Path) -> str:
-    """sha256 of a file's bytes, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_kind(path: Path) -> str:
     """'export', 'torchscript' or 'pickle', read from the archive's entries (not the suffix)."""
     if not path.exists():
@@ -96,11 +87,14 @@ def checkpoint_kind(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise LabelscanError(
             f"model file {path} is not a readable PyTorch checkpoint ({exc}); "
             "save it with torch.export.save (.pt2) or torch.jit.save"
         ) from None
+    if damaged is not None:
+        raise LabelscanError(f"model file {path} is damaged (entry {damaged} fails its checksum); save it again")
     tails = {name.split("/", 1)[-1] for name in names}
     if "models/model.json" in tails or "archive_format" in tails:
         return "export"
@@ -313,9 +307,10 @@ def _layer_for(node: torch.fx.Node, tensors: dict[str, torch.Tensor]) -> nn.Modu
         if op == "convolution" and arg(6, False):
             raise _refusal(node, "transposed convolution")
         groups = arg(8, 1) if op == "convolution" else arg(6, 1)
+        kernel, stride, dilation = tuple(weight.shape[2:]), _pair(arg(3, 1)), _pair(arg(5, 1))
         layer = nn.Conv2d(
-            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-            stride=_pair(arg(3, 1)), padding=_pair(arg(4, 0)), dilation=_pair(arg(5, 1)),
+            weight.shape[1] * groups, weight.shape[0], kernel, stride=stride,
+            padding=_conv_padding(node, arg(4, 0), kernel, stride, dilation), dilation=dilation,
             groups=groups, bias=bias is not None,
         )
         _assign(layer, weight, bias)
@@ -360,6 +355,18 @@ def _layer_for(node: torch.fx.Node, tensors: dict[str, torch.Tensor]) -> nn.Modu
     if op in _IDENTITY_OPS:
         return None
     raise _refusal(node)
+
+
+def _conv_padding(node, padding, kernel, stride, dilation) -> tuple[int, int]:
+    """Numeric padding; 'valid' is 0 and 'same' the symmetric padding it stands for, where there is one."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in totals) or any(s != 1 for s in stride):
+            raise _refusal(node, "asymmetric 'same' padding")
+        return tuple(t // 2 for t in totals)
+    return _pair(padding)
 
 
 def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

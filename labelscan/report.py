@@ -26,7 +26,7 @@ from rich.table import Table
 
 from labelscan.errors import LabelscanError
 from labelscan.influence.scoring import ExampleScores
-from labelscan.workspace import write_atomically
+from labelscan.files import write_atomically
 
 DEFAULT_THRESHOLDS = {"linear": 4.0}
 METADATA_KEY = b"labelscan"

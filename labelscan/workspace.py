@@ -1,16 +1,16 @@
-"""The .labelscan/ folder: manifest, summary and report, with fingerprints that keep them honest.
+"""The .labelscan/ folder: manifest, summary and reports, with fingerprints that keep them honest.
 
-``summarize`` records where the model and data came from and what they hashed to; every
-later command checks those hashes first, so a report can never silently describe a model
-or data set other than the one on disk. Files are written to a temporary name and renamed,
-so an interrupted command leaves the previous files intact. The files written are always
-the three fixed names inside the workspace, whatever a manifest says.
+``summarize`` records where the model and data came from and what they hashed to, in the
+manifest and inside the summary itself; every later command checks those hashes first, so a
+report can never silently describe a model or data set other than the one on disk. Files
+are written to a temporary name and renamed, so an interrupted command leaves the previous
+files intact. The files written are always the fixed names below inside the workspace
+(and ``rank --out``), whatever a manifest says.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from labelscan import __version__
 from labelscan.data import Dataset, Preprocessing, open_dataset
 from labelscan.errors import LabelscanError
 from labelscan.laftr.summary import LaftrSummary
-from labelscan.model import LaftrNet, checkpoint_kind, file_fingerprint, load_model
+from labelscan.files import file_fingerprint, write_atomically
+from labelscan.model import LaftrNet, checkpoint_kind, load_model
 
 MANIFEST_VERSION = 1
 DEFAULT_WORKSPACE = Path(".labelscan")
@@ -87,7 +88,8 @@ class Manifest:
 
 
 class Workspace:
-    """A folder holding ``manifest.json``, ``summary.safetensors`` and ``report.parquet``."""
+    """A folder holding ``manifest.json``, ``summary.safetensors``, ``report.parquet`` (the
+    training set's ranking) and ``check-report.parquet`` (the last ``check --data``)."""
 
     def __init__(self, root: str | Path = DEFAULT_WORKSPACE):
         self.root = Path(root)
@@ -104,9 +106,17 @@ class Workspace:
     def report_path(self) -> Path:
         return self.root / "report.parquet"
 
-    def create(self) -> None:
+    @property
+    def check_report_path(self) -> Path:
+        return self.root / "check-report.parquet"
+
+    def check_folder(self) -> None:
+        """Refuse, before any work, a workspace path that is a file."""
         if self.root.exists() and not self.root.is_dir():
             raise LabelscanError(f"workspace {self.root} exists and is not a folder; choose another --workspace")
+
+    def create(self) -> None:
+        self.check_folder()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def save(self, summary: LaftrSummary, manifest: Manifest) -> None:
@@ -135,29 +145,28 @@ class Workspace:
             raise LabelscanError(f"{self.manifest_path} is incomplete ({exc}); run labelscan summarize again") from None
 
     def summary(self, manifest: Manifest) -> LaftrSummary:
-        """The summary, after checking it is the one the manifest vouches for."""
-        if not self.summary_path.exists():
-            raise LabelscanError(f"{self.summary_path} is missing; run labelscan summarize again")
-        if file_fingerprint(self.summary_path) != manifest.summary_fingerprint:
-            raise LabelscanError(f"{self.summary_path} does not match its manifest; run labelscan summarize again")
-        return LaftrSummary.load(self.summary_path)
+        """The summary, after checking it is the one the manifest vouches for, of the same model and data."""
+        self._check_summary_file(manifest)
+        summary = LaftrSummary.load(self.summary_path)
+        recorded = (summary.metadata.get("model_fingerprint"), summary.metadata.get("data_fingerprint"))
+        if recorded != (manifest.model_fingerprint, manifest.data_fingerprint):
+            raise LabelscanError(f"{self.summary_path} was computed from another model or data than the manifest "
+                                 "names; run labelscan summarize again")
+        return summary
 
-    def check_unchanged(self, manifest: Manifest, dataset: Dataset | None = None) -> None:
-        """Refuse if the model file, or the data when given, changed since ``summarize``."""
+    def verify(self, manifest: Manifest, dataset: Dataset | None = None) -> None:
+        """Refuse if the model file, the summary file, or the data when given changed since ``summarize``."""
         model_path = Path(manifest.model.path)
         if not model_path.exists():
             raise LabelscanError(f"the summarized model {model_path} is gone; restore it or run summarize again")
         if file_fingerprint(model_path) != manifest.model_fingerprint:
             raise LabelscanError(f"the model {model_path} changed since summarize; run labelscan summarize again")
+        self._check_summary_file(manifest)
         if dataset is not None and dataset.fingerprint() != manifest.data_fingerprint:
             raise LabelscanError(f"the data {manifest.data.path} changed since summarize; run labelscan summarize again")
 
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename over it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(payload)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    def _check_summary_file(self, manifest: Manifest) -> None:
+        if not self.summary_path.exists():
+            raise LabelscanError(f"{self.summary_path} is missing; run labelscan summarize again")
+        if file_fingerprint(self.summary_path) != manifest.summary_fingerprint:
+            raise LabelscanError(f"{self.summary_path} changed since summarize; run labelscan summarize again")

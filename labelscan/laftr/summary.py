@@ -9,17 +9,17 @@ space distance, so nothing downstream needs the data again.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
 from labelscan.errors import LabelscanError
+from labelscan.files import write_atomically
 from labelscan.model import LaftrNet
 
 FORMAT_NAME = "labelscan-laftr-summary"
@@ -95,13 +95,17 @@ class LaftrSummary:
         return int(self.prior.numel())
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temp file, then rename) in the safetensors format: no code runs on load."""
-        path = Path(path)
+        """Write atomically in the safetensors format: no code runs on load.
+
+        All metadata sits under one key as sorted JSON, so equal summaries are equal bytes.
+        """
         tensors = {f"theta.{k}": v.contiguous() for k, v in self.net.layers.state_dict().items()}
         tensors |= {k: v.contiguous() for k, v in self.moments.tensors().items()}
         tensors["prior"] = self.prior
         tensors |= {f"active.{i}": a.contiguous() for i, a in enumerate(self.active)}
         header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
             "spec": self.net.spec(),
             "input_shape": list(self.net.input_shape),
             "num_outputs": self.net.num_outputs,
@@ -109,14 +113,7 @@ class LaftrSummary:
             "num_examples": self.num_examples,
             "metadata": self.metadata,
         }
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(temporary), metadata={
-                "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "header": json.dumps(header)
-            })
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_atomically(Path(path), save(tensors, metadata={"labelscan": json.dumps(header, sort_keys=True)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "LaftrSummary":
@@ -124,18 +121,15 @@ class LaftrSummary:
         if not path.exists():
             raise LabelscanError(f"no LAFTR summary at {path}; run labelscan summarize first")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
-                stored_meta = handle.metadata() or {}
+                header = json.loads((handle.metadata() or {})["labelscan"])
             tensors = load_file(str(path))
-            header = json.loads(stored_meta["header"])
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             raise LabelscanError(f"the summary {path} is corrupt or not a labelscan summary ({exc}); "
                                  "run labelscan summarize again") from None
-        if stored_meta.get("format") != FORMAT_NAME:
+        if header.get("format") != FORMAT_NAME:
             raise LabelscanError(f"{path} is not a labelscan summary; run labelscan summarize again")
-        version = int(stored_meta.get("format_version", "0"))
+        version = int(header.get("format_version", 0))
         if version > FORMAT_VERSION:
             raise LabelscanError(
                 f"the summary {path} was written by a newer labelscan (format {version}, this one reads "
@@ -151,7 +145,8 @@ class LaftrSummary:
             active = [tensors[f"active.{i}"] for i in range(len(net.relu_indices()))]
             prior = tensors["prior"]
         except (KeyError, RuntimeError, TypeError) as exc:
-            raise LabelscanError(f"the summary {path} is incomplete ({exc}); run labelscan summarize again") from None
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LabelscanError(f"the summary {path} is incomplete ({detail}); run labelscan summarize again") from None
         return cls(net, prior, moments, active, header["num_examples"], header["metadata"])
 
 
@@ -215,6 +210,9 @@ class SummaryAccumulator:
             moments = _compress(covariance, mean) if self.kind == "lowrank" else InputMoments(
                 "full", mean.float(), covariance=covariance.float()
             )
+        if not all(torch.isfinite(t).all() for t in moments.tensors().values()):
+            raise LabelscanError("the input moments overflow (inputs too large); "
+                                 "check the preprocessing options (--scale, --mean, --std)")
         active = [(c / self.count.view(-1, *[1] * (c.dim() - 1))).float() for c in self.active_counts]
         prior = (self.count / self.count.sum()).float()
         return LaftrSummary(self.net, prior, moments, active, int(self.count.sum()), metadata)
@@ -241,6 +239,9 @@ def summarize_batches(
         raise LabelscanError(f"unknown covariance {covariance!r}; use auto, full, lowrank or diagonal")
     accumulator = SummaryAccumulator(net, components, kind)
     for x, y in batches:
+        if per_class and ((y < 0) | (y >= components)).any():
+            raise LabelscanError(f"labels must be classes 0..{components - 1} of the model for a per-class summary; "
+                                 "fix the labels or drop --per-class")
         component = y if per_class else torch.zeros_like(y)
         logits = accumulator.add(x, component)
         if not torch.isfinite(logits).all():
