@@ -100,32 +100,27 @@ def deterministic_fsd(summary: LaftrSummary, params: dict[str, torch.Tensor]) ->
     if max(widest, math.prod(net.input_shape)) > CLOSED_FORM_MAX_UNITS:
         raise LabelscanError(f"the closed-form FSD handles layers of up to {CLOSED_FORM_MAX_UNITS} units; "
                              "use the stochastic estimate for this network")
-    reference = net.params()
+    steps = _stacked_affine_maps(net, params)
     total = torch.zeros((), dtype=torch.float64)
     for component in range(summary.num_components):
         mean = summary.moments.mean[component].double()
         second = summary.moments.covariance_matrix(component).double() + torch.outer(mean, mean)
         stacked_mean = torch.cat([mean, mean])
         stacked_second = second.repeat(2, 2)
-        shape = net.input_shape
         relu_count = 0
-        for index, layer in enumerate(net.layers):
-            if isinstance(layer, nn.ReLU):
+        for step in steps:
+            if step is None:  # a ReLU: shared gates
                 mu = summary.active[relu_count][component].flatten().double()
                 relu_count += 1
                 gate_mean = torch.cat([mu, mu])
-                gate_second = torch.outer(gate_mean, gate_mean)
                 n = mu.numel()
                 same_unit = torch.eye(n, dtype=torch.float64).repeat(2, 2).bool()
-                gate_second = torch.where(same_unit, gate_mean.unsqueeze(1).expand(2 * n, 2 * n), gate_second)
+                gate_second = torch.where(same_unit, gate_mean.unsqueeze(1).expand(2 * n, 2 * n),
+                                          torch.outer(gate_mean, gate_mean))
                 stacked_mean = gate_mean * stacked_mean
                 stacked_second = gate_second * stacked_second
                 continue
-            (w_ref, b_ref), out_shape = _affine_matrix(layer, index, reference, shape)
-            (w_new, b_new), _ = _affine_matrix(layer, index, params, shape)
-            shape = out_shape
-            matrix = torch.block_diag(w_ref, w_new)
-            offset = torch.cat([b_ref, b_new])
+            matrix, offset = step
             mapped_mean = matrix @ stacked_mean
             stacked_second = (
                 matrix @ stacked_second @ matrix.T
@@ -137,6 +132,22 @@ def deterministic_fsd(summary: LaftrSummary, params: dict[str, torch.Tensor]) ->
         expected = 0.5 * (torch.trace(second_ref) - 2 * torch.trace(cross) + torch.trace(second_new))
         total = total + summary.prior[component].double() * expected
     return total
+
+
+def _stacked_affine_maps(net: LaftrNet, params: dict[str, torch.Tensor]) -> list:
+    """Per layer, (blockdiag(W, W′), [b; b′]) acting on [a; a′], or None for a ReLU."""
+    reference = net.params()
+    shape = net.input_shape
+    steps = []
+    for index, layer in enumerate(net.layers):
+        if isinstance(layer, nn.ReLU):
+            steps.append(None)
+            continue
+        (w_ref, b_ref), out_shape = _affine_matrix(layer, index, reference, shape)
+        (w_new, b_new), _ = _affine_matrix(layer, index, params, shape)
+        steps.append((torch.block_diag(w_ref, w_new), torch.cat([b_ref, b_new])))
+        shape = out_shape
+    return steps
 
 
 def _affine_matrix(layer: nn.Module, index: int, params: dict[str, torch.Tensor], shape: tuple[int, ...]):
