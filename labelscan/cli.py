@@ -26,8 +26,8 @@ app = typer.Typer(
     help="Find likely mislabeled training examples of a trained ReLU network.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 Method = Enum("Method", {m.replace("-", "_"): m for m in METHODS}, type=str)
 Covariance = Enum("Covariance", {k: k for k in ("auto", "full", "lowrank", "diagonal")}, type=str)
@@ -42,7 +42,7 @@ def _errors():
     try:
         yield
     except LabelscanError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted; the workspace files from before are intact")
