@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -71,6 +72,8 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """labelscan: LAFTR summaries and proximal self-influence for label-noise detection."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
 
 
 def _floats(text: Optional[str], what: str) -> tuple[float, ...]:
@@ -132,15 +135,16 @@ def summarize(
     )
 
 
-def _settings(method: Method, seed: int, samples: int, damping: float, epsilon: float, steps: int,
-              batch_size: int) -> InfluenceSettings:
-    return InfluenceSettings(method=method.value, seed=seed, samples=samples, damping=damping,
-                             epsilon=epsilon, steps=steps, batch_size=batch_size)
+def _settings(method: Method, seed: int, samples: int, proximal_samples: int, damping: float, epsilon: float,
+              steps: int, batch_size: int) -> InfluenceSettings:
+    return InfluenceSettings(method=method.value, seed=seed, samples=samples, proximal_samples=proximal_samples,
+                             damping=damping, epsilon=epsilon, steps=steps, batch_size=batch_size)
 
 
 METHOD = typer.Option("linear", "--method", "-m", help="linear / proximal (LAFTR), or a baseline.")
 SEED = typer.Option(0, help="Seed of the LAFTR draws; same seed, same report.")
 SAMPLES = typer.Option(2000, help="LAFTR draws for the curvature.")
+PROXIMAL_SAMPLES = typer.Option(32, help="Draws (proximal) or training rows (exact-proximal) the FSD is evaluated on per step.")
 DAMPING = typer.Option(0.1, help="λ as a multiple of the mean curvature eigenvalue.")
 EPSILON = typer.Option(0.01, help="Up-weighting ε of the proximal solver.")
 STEPS = typer.Option(5, help="Gradient steps of the proximal solver.")
@@ -156,6 +160,7 @@ def rank(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Report path (default: WORKSPACE/report.parquet)."),
     seed: int = SEED,
     samples: int = SAMPLES,
+    proximal_samples: int = PROXIMAL_SAMPLES,
     damping: float = DAMPING,
     epsilon: float = EPSILON,
     steps: int = STEPS,
@@ -165,7 +170,7 @@ def rank(
 ) -> None:
     """Score every training example by self-influence, write the Parquet report, show the top."""
     with _errors(), _progress() as progress:
-        settings = _settings(method, seed, samples, damping, epsilon, steps, batch_size)
+        settings = _settings(method, seed, samples, proximal_samples, damping, epsilon, steps, batch_size)
         result = rank_job(Workspace(workspace), settings, threshold=threshold, out=out_path,
                           checkpoints=checkpoint, progress=progress)
     report = result.report
@@ -185,6 +190,7 @@ def check(
     method: Method = METHOD,
     seed: int = SEED,
     samples: int = SAMPLES,
+    proximal_samples: int = PROXIMAL_SAMPLES,
     damping: float = DAMPING,
     epsilon: float = EPSILON,
     steps: int = STEPS,
@@ -193,7 +199,7 @@ def check(
 ) -> None:
     """CI data-quality gate: exit 0 when the flagged fraction is within the limit, 1 when not."""
     with _errors(), _progress() as progress:
-        settings = _settings(method, seed, samples, damping, epsilon, steps, batch_size)
+        settings = _settings(method, seed, samples, proximal_samples, damping, epsilon, steps, batch_size)
         result, verdict = check_job(Workspace(workspace), settings, max_fraction=max_flagged_fraction,
                                     threshold=threshold, data=data, baseline=baseline, progress=progress)
     summary = verdict.as_dict() | {"report": str(result.path), "method": result.metadata["method"]}

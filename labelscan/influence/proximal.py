@@ -16,6 +16,8 @@ from torch.func import functional_call, grad, vmap
 from labelscan.laftr.fsd import LaftrDraws, stochastic_fsd
 from labelscan.laftr.gated import forward
 
+PARAMETER_BUDGET = 8_000_000  # per-example θ copies solved at once (≈ 32 MB each for Δ and its gradient)
+
 
 def proximal_scores(
     draws: LaftrDraws,
@@ -28,8 +30,20 @@ def proximal_scores(
     learning_rate: float,
     kind: str = "kl",
 ) -> torch.Tensor:
-    """Proximal self-influence of each row of ``x`` (B, *input_shape) with labels ``y`` (B,), float64 (B,)."""
+    """Proximal self-influence of each row of ``x`` (B, *input_shape) with labels ``y`` (B,), float64 (B,).
+
+    Each example carries its own copy of θ, so rows are solved in chunks that keep those
+    copies within ``PARAMETER_BUDGET`` numbers, whatever the batch size.
+    """
     net = draws.net
+    count = sum(p.numel() for p in net.params().values())
+    chunk = max(1, PARAMETER_BUDGET // count)
+    if len(x) > chunk:
+        return torch.cat([
+            proximal_scores(draws, x[i : i + chunk], y[i : i + chunk], epsilon=epsilon, damping=damping,
+                            steps=steps, learning_rate=learning_rate, kind=kind)
+            for i in range(0, len(x), chunk)
+        ])
     reference = net.params()
 
     def example_loss(theta, example, label):

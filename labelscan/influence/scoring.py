@@ -35,14 +35,15 @@ class InfluenceSettings:
 
     ``damping`` is λ relative to the mean eigenvalue of the LAFTR Hessian (tr H / #params),
     which makes one default fit networks of any scale. ``samples`` LAFTR draws fit the
-    curvature; the proximal solver evaluates D̂ on its own ``proximal_samples`` draws at every
-    step, since its cost grows with them. ``epsilon`` and ``steps`` are the proximal
+    curvature. The proximal solvers evaluate the FSD at every step of every example, so their
+    cost grows with what they evaluate it on: ``proximal_samples`` LAFTR draws (``proximal``)
+    or training examples (``exact-proximal``). ``epsilon`` and ``steps`` are the proximal
     solver's up-weighting and number of gradient steps (step size 1/(λ_max(H) + λ)).
     """
 
     method: str = "linear"
     samples: int = 2000
-    proximal_samples: int = 128
+    proximal_samples: int = 32
     damping: float = 0.1
     epsilon: float = 0.01
     steps: int = 5
