@@ -422,7 +422,8 @@ def test_interrupted_summarize_leaves_the_workspace_intact(ws, tmp_path):
     np.savez(big, X=generator.integers(0, 17, size=(200_000, 64), dtype=np.uint8),
              y=generator.integers(0, 10, size=200_000))
     before = snapshot(ws)
-    process = _start(["summarize", MODEL, big, "-w", ws, "--scale", "0.0625"], tmp_path / "err")
+    # batches of 4 rows: slow enough to interrupt whatever the machine
+    process = _start(["summarize", MODEL, big, "-w", ws, "--scale", "0.0625", "--batch-size", "4"], tmp_path / "err")
     _wait_for_progress(process, tmp_path / "err", b"summarizing")
     stderr = _interrupt(process, tmp_path / "err")
     assert process.returncode == 130, stderr[-500:]

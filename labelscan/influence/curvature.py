@@ -17,6 +17,7 @@ import torch
 
 from labelscan.influence.factors import LayerFactors, backprop_factors
 from labelscan.laftr.fsd import LaftrDraws
+from labelscan.linalg import eigh
 
 
 @dataclass
@@ -32,11 +33,19 @@ class LayerCurvature:
     def _rotated(self, factors: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
         return factors.grads @ self.output_basis, factors.inputs @ self.input_basis
 
-    def squared_coordinates_sum(self, factors: LayerFactors) -> torch.Tensor:
-        """Σ over rows of the squared gradient coordinates in the eigenbasis, (out, in)."""
-        grads, inputs = self._rotated(factors)
+    def squared_coordinates_sum(self, factors: LayerFactors, copies: int = 1) -> torch.Tensor:
+        """Σ over rows of the squared gradient coordinates in the eigenbasis, (out, in).
+
+        With ``copies`` > 1, each run of that many consecutive rows shares its inputs (one
+        draw, one row per output direction), which is rotated once and, for rank-one rows,
+        summed over the run before the outer product.
+        """
+        grads = factors.grads @ self.output_basis
+        inputs = factors.inputs[::copies] @ self.input_basis
         if inputs.shape[1] == 1:
-            return (grads[:, 0] ** 2).T @ (inputs[:, 0] ** 2)
+            grouped = (grads[:, 0] ** 2).view(len(inputs), copies, -1).sum(1)
+            return grouped.T @ (inputs[:, 0] ** 2)
+        inputs = inputs.repeat_interleave(copies, dim=0)
         return (torch.einsum("bto,bti->boi", grads, inputs) ** 2).sum(0)
 
     def scores(self, factors: LayerFactors, damping: float) -> torch.Tensor:
@@ -83,10 +92,12 @@ def fit_curvature(draws: LaftrDraws, kind: str = "kl", chunk: int = 256) -> Curv
     net, params = draws.net, draws.net.params()
     input_second: dict[int, torch.Tensor] = {}
     output_second: dict[int, torch.Tensor] = {}
+    copies = draws.reference.shape[1]
     for rows in _chunks(draws, kind, chunk):
         for factor, weight in _factor_rows(net, params, rows):
             positions = factor.inputs.shape[1]
-            weighted = factor.inputs * (weight / positions).sqrt().view(-1, 1, 1)
+            inputs, weight = factor.inputs[::copies], weight[::copies] * copies  # the copies share inputs
+            weighted = inputs * (weight / positions).sqrt().view(-1, 1, 1)
             input_second[factor.index] = input_second.get(factor.index, 0) + torch.einsum(
                 "bti,btj->ij", weighted, weighted).double()
             output_second[factor.index] = output_second.get(factor.index, 0) + torch.einsum(
@@ -99,7 +110,8 @@ def fit_curvature(draws: LaftrDraws, kind: str = "kl", chunk: int = 256) -> Curv
         for factor, _ in _factor_rows(net, params, rows):
             input_basis, output_basis = bases[factor.index]
             basis = LayerCurvature(factor.index, input_basis, output_basis, None)
-            eigenvalues[factor.index] = eigenvalues.get(factor.index, 0) + basis.squared_coordinates_sum(factor).double()
+            squares = basis.squared_coordinates_sum(factor, copies)
+            eigenvalues[factor.index] = eigenvalues.get(factor.index, 0) + squares.double()
     return Curvature([
         LayerCurvature(index, bases[index][0], bases[index][1], eigenvalues[index].float()) for index in bases
     ])
@@ -130,7 +142,7 @@ def _factor_rows(net, params, rows):
 
 
 def _eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
-    _, vectors = torch.linalg.eigh(matrix)
+    _, vectors = eigh(matrix)
     return vectors.float()
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from labelscan.errors import LabelscanError
 from labelscan.files import write_atomically
+from labelscan.linalg import eigh
 from labelscan.model import LaftrNet
 
 FORMAT_NAME = "labelscan-laftr-summary"
@@ -256,7 +257,7 @@ def summarize_batches(
 
 def _compress(covariance: torch.Tensor, mean: torch.Tensor) -> InputMoments:
     """Top-``LOW_RANK`` eigenpairs plus the diagonal they leave unexplained."""
-    values, vectors = torch.linalg.eigh(covariance)
+    values, vectors = eigh(covariance)
     top_values = values[:, -LOW_RANK:].clamp_min(0)
     factor = vectors[:, :, -LOW_RANK:] * top_values.sqrt().unsqueeze(1)
     residual = (torch.diagonal(covariance, dim1=1, dim2=2) - (factor**2).sum(2)).clamp_min(0)
@@ -264,6 +265,14 @@ def _compress(covariance: torch.Tensor, mean: torch.Tensor) -> InputMoments:
 
 
 def _psd_root(covariance: torch.Tensor) -> torch.Tensor:
-    """A matrix R with R Rᵀ = covariance, tolerant of the singular covariances images have."""
-    values, vectors = torch.linalg.eigh(covariance.double())
+    """A matrix R with R Rᵀ ≈ covariance: Cholesky, with the smallest diagonal jitter that makes
+    the singular covariances of images (constant pixels) positive definite."""
+    matrix = covariance.double()
+    scale = float(matrix.diagonal().mean().clamp_min(1e-12))
+    identity = torch.eye(len(matrix), dtype=torch.float64)
+    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
+        root, info = torch.linalg.cholesky_ex(matrix + jitter * scale * identity)
+        if int(info) == 0:
+            return root.to(covariance.dtype)
+    values, vectors = eigh(matrix)
     return (vectors * values.clamp_min(0).sqrt()).to(covariance.dtype)
