@@ -98,8 +98,7 @@ def self_influence(
     parts: dict[str, list] = {key: [] for key in ("rows", "ids", "given", "predicted", "runner_up", "loss", "score")}
     for batch in batches:
         x = batch.x.reshape(len(batch.x), *net.input_shape)
-        with torch.no_grad():
-            logits = forward(net, net.params(), x)
+        logits, score = scorer(x, batch.y)
         parts["rows"].append(batch.rows.numpy())
         parts["ids"].extend(batch.ids)
         parts["given"].append(batch.y.numpy())
@@ -107,7 +106,7 @@ def self_influence(
         others = logits.scatter(1, batch.y.unsqueeze(1), float("-inf"))
         parts["runner_up"].append(others.argmax(1).numpy())
         parts["loss"].append(F.cross_entropy(logits, batch.y, reduction="none").double().numpy())
-        parts["score"].append(scorer(x, batch.y).double().numpy())
+        parts["score"].append(score.double().numpy())
         if on_batch is not None:
             on_batch(len(x))
     if not parts["rows"]:
@@ -117,16 +116,28 @@ def self_influence(
 
 
 def _make_scorer(summary, settings, checkpoints, training_inputs):
-    """The per-batch scoring function for ``settings.method`` and the solver settings it derived."""
+    """The per-batch scoring function for ``settings.method`` and the solver settings it derived.
+
+    A scorer maps ``(x, y)`` to ``(logits at θs, scores)``; methods that backpropagate through
+    θs reuse that pass's logits instead of running the network twice.
+    """
     net, method = summary.net, settings.method
     if method == "loss":
-        return (lambda x, y: F.cross_entropy(forward(net, net.params(), x), y, reduction="none").detach()), {}
+        def loss(x, y):
+            logits = _logits(net, x)
+            return logits, F.cross_entropy(logits, y, reduction="none")
+
+        return loss, {}
     if method == "grad-norm":
         return (lambda x, y: _gradient_norms(net, x, y)), {}
     if method == "tracin":
         if not checkpoints:
             raise LabelscanError("--method tracin needs the training checkpoints; pass --checkpoint for each")
-        return (lambda x, y: sum(_gradient_norms(c, x, y) for c in checkpoints)), {"checkpoints": len(checkpoints)}
+
+        def tracin(x, y):
+            return _logits(net, x), sum(_gradient_norms(c, x, y)[1] for c in checkpoints)
+
+        return tracin, {"checkpoints": len(checkpoints)}
     if method == "exact-proximal":
         if training_inputs is None:
             raise LabelscanError("--method exact-proximal needs the training data")
@@ -137,8 +148,8 @@ def _make_scorer(summary, settings, checkpoints, training_inputs):
     damping = settings.damping * curvature.mean_eigenvalue
     if method == "linear":
         def linear(x, y):
-            _, factors = backprop_factors(net, net.params(), x, cross_entropy_cotangent(y))
-            return curvature.scores(factors, damping)
+            logits, factors = backprop_factors(net, net.params(), x, cross_entropy_cotangent(y))
+            return logits, curvature.scores(factors, damping)
 
         return linear, {"absolute_damping": damping}
     if method == "proximal":
@@ -146,15 +157,21 @@ def _make_scorer(summary, settings, checkpoints, training_inputs):
     learning_rate = 1.0 / (top_eigenvalue(draws) + damping)
 
     def proximal(x, y):
-        return proximal_scores(draws, x, y, epsilon=settings.epsilon, damping=damping,
-                               steps=settings.steps, learning_rate=learning_rate)
+        return _logits(net, x), proximal_scores(draws, x, y, epsilon=settings.epsilon, damping=damping,
+                                                steps=settings.steps, learning_rate=learning_rate)
 
     return proximal, {"absolute_damping": damping, "learning_rate": learning_rate}
 
 
-def _gradient_norms(net: LaftrNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    _, factors = backprop_factors(net, net.params(), x, cross_entropy_cotangent(y))
-    return sum(f.squared_norms().double() for f in factors)
+def _logits(net: LaftrNet, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return forward(net, net.params(), x)
+
+
+def _gradient_norms(net: LaftrNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``net``'s logits and each row's ‖∇θ ℓ‖²."""
+    logits, factors = backprop_factors(net, net.params(), x, cross_entropy_cotangent(y))
+    return logits, sum(f.squared_norms().double() for f in factors)
 
 
 def data_draws(net: LaftrNet, inputs: torch.Tensor) -> LaftrDraws:
