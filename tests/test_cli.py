@@ -247,6 +247,19 @@ def test_check_gate_tight_fails_loose_passes_reusing_the_report(noisy_ws):
     assert snapshot(noisy_ws) == before, "check must reuse a current report, not rank again"
 
 
+def test_check_gate_passes_clean_labels_that_the_noisy_ones_fail(noisy_ws, tmp_path):
+    """At the default settings (the flag threshold assumes the default number of LAFTR draws),
+    the same recipe trained on the true labels passes the 5% gate and the noisy set fails it."""
+    clean_ws = tmp_path / "clean"
+    ok(summarize(clean_ws, CLEAN, model=FIXTURES / "digits_mlp_clean.pt2"))
+    clean = json.loads(ok(invoke("check", "-w", clean_ws, "--format", "json")))
+    failed = invoke("check", "-w", copy_workspace(noisy_ws, tmp_path / "noisy"), "--format", "json")
+    assert failed.exit_code == 1, failed.output
+    noisy = json.loads(failed.stdout)
+    assert clean["passed"] is True and noisy["passed"] is False
+    assert clean["flagged_fraction"] < noisy["flagged_fraction"] / 3
+
+
 @pytest.mark.parametrize("change", ["model", "data", "summary"])
 def test_check_refuses_when_files_changed_after_rank(tmp_path, change):
     """Like rank, check must refuse (exit 2) when the model, data or summary changed since
