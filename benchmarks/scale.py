@@ -332,8 +332,13 @@ def render(args, meta, epoch, summ, results, grid, subset_rows, total, k, sub_k,
     quality_key = "auroc" if by["proximal"]["auroc"] is not None else "sub_auroc"
     best_baseline = max(by["loss"]["auroc"], by["grad-norm"]["auroc"])
     best_baseline_sub = max(by["loss"]["sub_auroc"], by["grad-norm"]["sub_auroc"])
+    # A fresh process's epoch can run slower than the warm epochs of training; the target is
+    # judged against the faster of the two, so it is not met by a slow reference alone.
+    strict_epoch_s = min(epoch_s, float(np.median(meta["epoch_seconds"])))
     targets = [
-        ["linear within 3× an epoch", f"{linear_s / epoch_s:.1f}×", "yes" if linear_s <= 3 * epoch_s else "no"],
+        ["linear within 3× an epoch (the faster of the reference and the median training epoch)",
+         f"{linear_s / strict_epoch_s:.1f}× ({linear_s / epoch_s:.1f}× the reference epoch)",
+         "yes" if linear_s <= 3 * strict_epoch_s else "no"],
         [f"proximal within 30 minutes (all {total:,})", common.fmt_s(proximal_s) + ("" if full else " (extrapolated)"),
          "yes" if proximal_s <= 1800 else "no"],
         ["peak memory < 4 GB (linear, proximal)", common.fmt_mb(peaks), "yes" if peaks < 4096 else "no"],
