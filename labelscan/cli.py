@@ -166,13 +166,14 @@ def rank(
     steps: int = STEPS,
     threshold: Optional[float] = THRESHOLD,
     checkpoint: list[Path] = typer.Option([], help="Training checkpoints for --method tracin (repeat)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow pickled --checkpoint files, which run code when loaded."),
     batch_size: int = BATCH,
 ) -> None:
     """Score every training example by self-influence, write the Parquet report, show the top."""
     with _errors(), _progress() as progress:
         settings = _settings(method, seed, samples, proximal_samples, damping, epsilon, steps, batch_size)
         result = rank_job(Workspace(workspace), settings, threshold=threshold, out=out_path,
-                          checkpoints=checkpoint, progress=progress)
+                          checkpoints=checkpoint, trust_checkpoint=trust_checkpoint, progress=progress)
     report = result.report
     if top:
         out.print(top_table(report, top, f"Most self-influential of {len(report)} examples ({method.value})"))

@@ -70,12 +70,14 @@ def rank_job(
     threshold: float | None = None,
     out: Path | None = None,
     checkpoints: list[Path] = (),
+    trust_checkpoint: bool = False,
     data: DataSource | None = None,
     progress: Progress = _silent,
 ) -> RankResult:
     """Score the summarized training set (or ``data``, new examples) and write the report.
 
-    ``threshold=None`` takes the method's default flagging threshold, if it has one.
+    ``threshold=None`` takes the method's default flagging threshold, if it has one. Pickled
+    ``checkpoints`` load only with ``trust_checkpoint``, never on the manifest's word.
     """
     if threshold is None:
         threshold = default_threshold(settings.method)
@@ -91,7 +93,8 @@ def rank_job(
         workspace.verify(manifest)
         dataset = data.open(num_classes=summary.net.num_outputs, class_names=manifest.label_names, training=False)
         label_names, data_fingerprint = dataset.label_names, dataset.fingerprint()
-    nets = [_load_checkpoint(path, manifest.model, summary.net) for path in checkpoints]
+    like = replace(manifest.model, trust_checkpoint=trust_checkpoint)
+    nets = [_load_checkpoint(path, like, summary.net) for path in checkpoints]
     scores = self_influence(summary, dataset, settings, checkpoints=nets,
                             on_batch=progress(f"scoring ({settings.method})", dataset.num_rows))
     report = build_report(scores, label_names, threshold)

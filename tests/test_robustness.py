@@ -370,6 +370,19 @@ def test_pickled_checkpoint_needs_trust(ws, base):
     refused(invoke("fsd", MODEL, FIXTURES / "digits_mlp_module.pt", "-w", ws), "pickle", "--trust-checkpoint")
 
 
+def test_pickled_tracin_checkpoints_need_trust_on_the_command_line(base, tmp_path):
+    """A workspace summarized from a trusted pickle does not extend that trust to rank's checkpoints:
+    the manifest is a file anyone could have written."""
+    ws = tmp_path / "ws"
+    ok(summarize(ws, base / "small.parquet", "--trust-checkpoint", "--arch", f"{FIXTURES / 'digits_arch.py'}:mlp",
+                 model=FIXTURES / "digits_mlp_state.pt"))
+    pickled = ["--method", "tracin", "--checkpoint", FIXTURES / "digits_mlp_module.pt", "--threshold", "1"]
+    before = snapshot(ws)
+    refused(invoke("rank", "-w", ws, *QUICK, *pickled), "pickle", "--trust-checkpoint")
+    assert snapshot(ws) == before
+    ok(invoke("rank", "-w", ws, *QUICK, *pickled, "--trust-checkpoint"))
+
+
 @pytest.mark.parametrize("target", ["missing/folder/r.parquet", "a-folder"])
 def test_rank_out_path_that_cannot_be_written(ws, tmp_path, target):
     """--out onto a folder is refused cleanly; --out into a missing folder is refused cleanly
