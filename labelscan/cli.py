@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from labelscan import __version__
@@ -43,7 +44,7 @@ def _errors():
     try:
         yield
     except LabelscanError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted; the workspace files from before are intact")
@@ -143,11 +144,11 @@ def _settings(method: Method, seed: int, samples: int, proximal_samples: int, da
 
 METHOD = typer.Option("linear", "--method", "-m", help="linear / proximal (LAFTR), or a baseline.")
 SEED = typer.Option(0, help="Seed of the LAFTR draws; same seed, same report.")
-SAMPLES = typer.Option(2000, help="LAFTR draws for the curvature.")
-PROXIMAL_SAMPLES = typer.Option(32, help="Draws (proximal) or training rows (exact-proximal) the FSD is evaluated on per step.")
+SAMPLES = typer.Option(2000, min=1, help="LAFTR draws for the curvature.")
+PROXIMAL_SAMPLES = typer.Option(32, min=1, help="Draws (proximal) or training rows (exact-proximal) the FSD is evaluated on per step.")
 DAMPING = typer.Option(0.1, help="λ as a multiple of the mean curvature eigenvalue.")
 EPSILON = typer.Option(0.01, help="Up-weighting ε of the proximal solver.")
-STEPS = typer.Option(5, help="Gradient steps of the proximal solver.")
+STEPS = typer.Option(5, min=1, help="Gradient steps of the proximal solver.")
 THRESHOLD = typer.Option(None, help="Flag examples whose score exceeds this (default 4 for linear; other methods need one).")
 BATCH = typer.Option(256, min=1, help="Examples scored at once.")
 
@@ -165,7 +166,7 @@ def rank(
     epsilon: float = EPSILON,
     steps: int = STEPS,
     threshold: Optional[float] = THRESHOLD,
-    checkpoint: list[Path] = typer.Option([], help="Training checkpoints for --method tracin (repeat)."),
+    checkpoint: list[Path] = typer.Option([], metavar="PATH", help="Training checkpoints for --method tracin (repeat)."),
     trust_checkpoint: bool = typer.Option(False, help="Allow pickled --checkpoint files, which run code when loaded."),
     batch_size: int = BATCH,
 ) -> None:
@@ -177,6 +178,10 @@ def rank(
     report = result.report
     if top:
         out.print(top_table(report, top, f"Most self-influential of {len(report)} examples ({method.value})"))
+    if result.metadata["threshold"] is None:
+        out.print(f"scored {len(report)} examples; none flagged: method {method.value} has no default threshold "
+                  f"(pass --threshold); report → {result.path}")
+        return
     flagged = int(report["flagged"].sum())
     out.print(f"{flagged} of {len(report)} examples flagged ({flagged / len(report):.1%}); report → {result.path}")
 
@@ -186,6 +191,8 @@ def check(
     workspace: Path = WORKSPACE,
     max_flagged_fraction: float = typer.Option(0.05, help="Fail when more than this fraction is flagged."),
     data: Optional[Path] = typer.Option(None, help="Gate NEW data against the workspace's model and summary."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of the --data table (default: the training data's)."),
+    id_column: Optional[str] = typer.Option(None, help="Example-id column of the --data table (default: the training data's)."),
     baseline: Optional[Path] = typer.Option(None, help="A previous report: fail only on flags it did not have."),
     output_format: OutputFormat = typer.Option("text", "--format", help="text for people, json for machines."),
     method: Method = METHOD,
@@ -202,7 +209,8 @@ def check(
     with _errors(), _progress() as progress:
         settings = _settings(method, seed, samples, proximal_samples, damping, epsilon, steps, batch_size)
         result, verdict = check_job(Workspace(workspace), settings, max_fraction=max_flagged_fraction,
-                                    threshold=threshold, data=data, baseline=baseline, progress=progress)
+                                    threshold=threshold, data=data, label_column=label_column,
+                                    id_column=id_column, baseline=baseline, progress=progress)
     summary = verdict.as_dict() | {"report": str(result.path), "method": result.metadata["method"]}
     if output_format.value == "json":
         out.print_json(json.dumps(summary))
@@ -228,8 +236,12 @@ def _github_summary(summary: dict) -> None:
         f"| {summary['rows']} | {summary['flagged']} | {summary['gated_flags']} | "
         f"{summary['flagged_fraction']:.2%} | {summary['max_flagged_fraction']:.2%} |", "",
     ]
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+    try:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+    except OSError as exc:  # the verdict stands; only its copy for the job page is lost
+        err.print(f"warning: could not append to GITHUB_STEP_SUMMARY {escape(target)} ({exc.strerror or exc})",
+                  highlight=False)
 
 
 @app.command()
@@ -238,14 +250,18 @@ def fsd(
     model_b: Path = typer.Argument(..., help="Second checkpoint."),
     workspace: Path = WORKSPACE,
     samples: int = typer.Option(4000, min=1, help="LAFTR draws."),
-    seed: int = SEED,
+    seed: int = typer.Option(0, help="Seed of the LAFTR draws; same seed, same estimate."),
     trust_checkpoint: bool = typer.Option(False, help="Allow pickled checkpoints, which run code when loaded."),
+    arch: Optional[str] = typer.Option(None, help="module:factory for state-dict checkpoints (default: the summarized model's)."),
 ) -> None:
-    """LAFTR function space distance between two checkpoints of the summarized architecture."""
+    """LAFTR function space distance between two checkpoints of the summarized architecture.
+
+    KL(softmax(f_A) ‖ softmax(f_B)) over LAFTR draws, both gated like the summarized model (not symmetric).
+    """
     with _errors():
         space = Workspace(workspace)
         like = space.manifest().model
-        sources = [ModelSource(str(m), like.input_shape, trust_checkpoint, like.arch) for m in (model_a, model_b)]
+        sources = [ModelSource(str(m), like.input_shape, trust_checkpoint, arch or like.arch) for m in (model_a, model_b)]
         distance = fsd_job(space, *sources, samples=samples, seed=seed)
     out.print(f"FSD ≈ {distance:.6g} (LAFTR, KL, {samples} draws, seed {seed})")
 

@@ -28,12 +28,15 @@ def check_writable(path: Path) -> None:
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename over it."""
+    """Write to a temporary file beside ``path``, flush it to disk, then rename over it."""
     path = Path(path)
     check_writable(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_bytes(payload)
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     except OSError as exc:
         raise LabelscanError(f"could not write {path} ({exc.strerror or exc}); check the path and permissions") from None

@@ -19,7 +19,8 @@ from labelscan.files import check_writable, file_fingerprint
 from labelscan.model import LaftrNet, checkpoint_kind, load_model
 from labelscan.pipeline import fsd, self_influence, summarize
 from labelscan.laftr.summary import LaftrSummary
-from labelscan.report import build_report, default_threshold, read_report, write_report
+from labelscan.report import build_report, flag_threshold, read_report, write_report
+from labelscan.data import Dataset
 from labelscan.workspace import DataSource, Manifest, ModelSource, Workspace, open_model_and_data
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -47,8 +48,9 @@ def summarize_job(
     net, dataset = open_model_and_data(model, data)
     fingerprints = {"model_fingerprint": file_fingerprint(Path(model.path)), "data_fingerprint": dataset.fingerprint()}
     options = {"per_class": per_class, "covariance": covariance}
+    metadata = {"labelscan_version": __version__, **options, **fingerprints, "reading": data.reading()}
     summary = summarize(net, dataset, per_class=per_class, covariance=covariance, batch_size=batch_size,
-                        metadata={"labelscan_version": __version__, **options, **fingerprints},
+                        metadata=metadata,
                         on_batch=progress("summarizing", dataset.num_rows))
     manifest = Manifest(model=model, data=data, summary_fingerprint="", num_rows=dataset.num_rows,
                         label_names=dataset.label_names, options=options, **fingerprints)
@@ -79,15 +81,14 @@ def rank_job(
     ``threshold=None`` takes the method's default flagging threshold, if it has one. Pickled
     ``checkpoints`` load only with ``trust_checkpoint``, never on the manifest's word.
     """
-    if threshold is None:
-        threshold = default_threshold(settings.method)
+    threshold = flag_threshold(settings.method, threshold)
     manifest = workspace.manifest()
     path = Path(out) if out is not None else workspace.report_path
     check_writable(path)
+    _refuse_overwriting_inputs(path, workspace, manifest, [data.path] if data else [], checkpoints)
     summary = workspace.summary(manifest)
     if data is None:
-        dataset = manifest.data.open(num_classes=summary.net.num_outputs)
-        workspace.verify(manifest, dataset)
+        dataset = _summarized_data(workspace, manifest, summary.net.num_outputs)
         label_names, data_fingerprint = manifest.label_names, manifest.data_fingerprint
     else:
         workspace.verify(manifest)
@@ -116,13 +117,40 @@ def rank_job(
     return RankResult(report, metadata, path)
 
 
+def _summarized_data(workspace: Workspace, manifest: Manifest, num_classes: int | None = None) -> Dataset:
+    """The training data, refused unless it is what ``summarize`` read (it opened then, so a
+    failure to open now means it changed)."""
+    try:
+        dataset = manifest.data.open(num_classes=num_classes)
+    except LabelscanError as exc:
+        raise LabelscanError(f"the data {manifest.data.path} no longer reads as it did at summarize ({exc}); "
+                             "restore it or run labelscan summarize again") from None
+    workspace.verify(manifest, dataset)
+    return dataset
+
+
+def _refuse_overwriting_inputs(path: Path, workspace: Workspace, manifest: Manifest, data: list[str],
+                               checkpoints: list[Path]) -> None:
+    """A report must not land on the model, the data, a checkpoint or the workspace's own files."""
+    target = path.resolve()
+    inputs = {
+        "the model": [manifest.model.path], "the data": [manifest.data.path, *data],
+        "a checkpoint": checkpoints, "the summary": [workspace.summary_path],
+        "the manifest": [workspace.manifest_path],
+    }
+    for what, paths in inputs.items():
+        for source in (Path(p).resolve() for p in paths):
+            if target == source or source in target.parents:
+                raise LabelscanError(f"--out {path} would overwrite {what} ({source}); choose another path")
+
+
 def current_report(workspace: Workspace, settings: InfluenceSettings, threshold: float | None = None) -> RankResult | None:
     """The workspace's report, if it describes the summarized model, data and summary as they
     are now, and was made with these settings and threshold."""
     if not workspace.report_path.exists():
         return None
     manifest = workspace.manifest()
-    workspace.verify(manifest, manifest.data.open())
+    _summarized_data(workspace, manifest)
     report, metadata = read_report(workspace.report_path)
     current = (
         metadata.get("training_data")
@@ -130,7 +158,7 @@ def current_report(workspace: Workspace, settings: InfluenceSettings, threshold:
         and metadata.get("summary_fingerprint") == manifest.summary_fingerprint
         and metadata.get("data_fingerprint") == manifest.data_fingerprint
         and metadata.get("settings") == settings.as_dict()
-        and metadata.get("threshold") == (threshold if threshold is not None else default_threshold(settings.method))
+        and metadata.get("threshold") == flag_threshold(settings.method, threshold)
     )
     return RankResult(report, metadata, workspace.report_path) if current else None
 
@@ -184,29 +212,36 @@ def check_job(
     max_fraction: float,
     threshold: float | None = None,
     data: Path | None = None,
+    label_column: str | None = None,
+    id_column: str | None = None,
     baseline: Path | None = None,
     progress: Progress = _silent,
 ) -> tuple[RankResult, GateResult]:
     """The CI gate: reuse a current report or rank, then gate (``data``: score new examples only).
 
-    New data is read with the training data's columns and preprocessing and reported to
+    New data is read with the training data's preprocessing, and with its label and id columns
+    unless ``label_column`` / ``id_column`` name others; it is reported to
     ``check-report.parquet``, leaving the training report alone.
     """
-    if threshold is None and default_threshold(settings.method) is None:
+    if flag_threshold(settings.method, threshold) is None:
         raise LabelscanError(f"method {settings.method} has no default flagging threshold; "
                              "pass --threshold, or use --method linear")
     if not 0 <= max_fraction <= 1:
         raise LabelscanError(f"--max-flagged-fraction must be between 0 and 1, got {max_fraction}")
     if baseline is not None:
         read_report(baseline)
+    result = None if data is not None else current_report(workspace, settings, threshold)
+    if result is None and settings.method == "tracin":
+        raise LabelscanError("check has no training checkpoints to score --method tracin with; run labelscan rank "
+                             "--method tracin --checkpoint ... with the same --threshold, and check gates its report")
     if data is not None:
         known = workspace.manifest().data
-        source = DataSource(str(data), known.label_column, known.id_column, known.preprocessing)
+        source = DataSource(str(data), label_column or known.label_column, id_column or known.id_column,
+                            known.preprocessing)
         result = rank_job(workspace, settings, threshold=threshold, out=workspace.check_report_path,
                           data=source, progress=progress)
-    else:
-        result = current_report(workspace, settings, threshold) or rank_job(
-            workspace, settings, threshold=threshold, progress=progress)
+    elif result is None:
+        result = rank_job(workspace, settings, threshold=threshold, progress=progress)
     return result, gate(result, max_fraction, baseline)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from labelscan.errors import LabelscanError
+from labelscan.errors import LabelscanError, first_line
 
 SUPPORTED_LAYERS = (
     "Linear, Conv2d, ReLU, Flatten, BatchNorm (eval), AvgPool2d, MaxPool2d, Dropout"
@@ -157,7 +157,7 @@ def _load_export(path: Path) -> torch.export.ExportedProgram:
         with _quiet_torch():
             return torch.export.load(path)
     except Exception as exc:  # torch raises many types for a damaged archive
-        raise LabelscanError(f"could not read the exported program {path}: {_first_line(exc)}") from None
+        raise LabelscanError(f"could not read the exported program {path}: {first_line(exc)}") from None
 
 
 def _export_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ...]:
@@ -185,14 +185,14 @@ def _torchscript_to_graph(path: Path, example: torch.Tensor) -> torch.fx.GraphMo
     try:
         scripted = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:
-        raise LabelscanError(f"could not read the TorchScript model {path}: {_first_line(exc)}") from None
+        raise LabelscanError(f"could not read the TorchScript model {path}: {first_line(exc)}") from None
     try:
         with _quiet_torch():
             return TS2EPConverter(scripted, (example,)).convert().module()
     except Exception as exc:
         raise LabelscanError(
             f"could not trace the TorchScript model {path} on input shape {tuple(example.shape[1:])} "
-            f"({_first_line(exc)}); check --input-shape"
+            f"({first_line(exc)}); check --input-shape"
         ) from None
 
 
@@ -200,7 +200,7 @@ def _pickle_to_graph(path: Path, arch: str | None, example: torch.Tensor) -> tor
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise LabelscanError(f"could not unpickle {path}: {_first_line(exc)}") from None
+        raise LabelscanError(f"could not unpickle {path}: {first_line(exc)}") from None
     if isinstance(loaded, dict):
         if arch is None:
             raise LabelscanError(
@@ -210,7 +210,7 @@ def _pickle_to_graph(path: Path, arch: str | None, example: torch.Tensor) -> tor
         try:
             module.load_state_dict(loaded)
         except RuntimeError as exc:
-            raise LabelscanError(f"the state dict in {path} does not fit --arch {arch}: {_first_line(exc)}") from None
+            raise LabelscanError(f"the state dict in {path} does not fit --arch {arch}: {first_line(exc)}") from None
     elif isinstance(loaded, nn.Module):
         module = loaded
     else:
@@ -221,7 +221,7 @@ def _pickle_to_graph(path: Path, arch: str | None, example: torch.Tensor) -> tor
     except Exception as exc:
         raise LabelscanError(
             f"could not trace the model from {path} on input shape {tuple(example.shape[1:])}: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
 
 
@@ -242,7 +242,7 @@ def _build_arch(arch: str) -> nn.Module:
             module = importlib.import_module(module_name)
         factory = getattr(module, factory_name)
     except (ImportError, AttributeError, SyntaxError) as exc:
-        raise LabelscanError(f"could not import --arch {arch}: {_first_line(exc)}") from None
+        raise LabelscanError(f"could not import --arch {arch}: {first_line(exc)}") from None
     built = factory()
     if not isinstance(built, nn.Module):
         raise LabelscanError(f"--arch {arch} returned a {type(built).__name__}, not an nn.Module")
@@ -401,7 +401,7 @@ def _check_reproduces(net: LaftrNet, graph_module: torch.fx.GraphModule, path: P
         try:
             expected = graph_module(probe)
         except Exception as exc:
-            raise LabelscanError(f"the model in {path} fails on a probe input: {_first_line(exc)}") from None
+            raise LabelscanError(f"the model in {path} fails on a probe input: {first_line(exc)}") from None
         expected = expected[0] if isinstance(expected, (tuple, list)) else expected
         got = net.layers(probe)
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4, equal_nan=True):
@@ -472,8 +472,3 @@ def _quiet_torch():
             yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -16,6 +16,7 @@ runner-up is the informative guess); for any other example, the given label.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from labelscan.errors import LabelscanError
+from labelscan.errors import LabelscanError, first_line
 from labelscan.influence.scoring import ExampleScores
 from labelscan.files import write_atomically
 
@@ -44,9 +45,14 @@ SCHEMA = pa.schema([
 ])
 
 
-def default_threshold(method: str) -> float | None:
-    """The flagging threshold a method has by default, or None where it has none."""
-    return DEFAULT_THRESHOLDS.get(method)
+def flag_threshold(method: str, threshold: float | None) -> float | None:
+    """The threshold to flag with: ``threshold`` if given (it must be finite), else the method's
+    default, or None for a method that has none."""
+    if threshold is None:
+        return DEFAULT_THRESHOLDS.get(method)
+    if not math.isfinite(threshold):
+        raise LabelscanError(f"--threshold must be a finite number, got {threshold}")
+    return threshold
 
 
 def build_report(scores: ExampleScores, label_names: list[str], threshold: float | None) -> pd.DataFrame:
@@ -89,9 +95,14 @@ def read_report(path: Path) -> tuple[pd.DataFrame, dict]:
         raise LabelscanError(f"no report at {path}; run labelscan rank first")
     try:
         table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise LabelscanError(f"{path} is not a readable Parquet file ({first_line(exc)}); "
+                             "pass a report written by labelscan rank") from None
+    try:
         metadata = json.loads((table.schema.metadata or {})[METADATA_KEY])
-    except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
-        raise LabelscanError(f"{path} is not a readable labelscan report ({exc}); run labelscan rank again") from None
+    except (KeyError, ValueError):
+        raise LabelscanError(f"{path} has no labelscan metadata, so it is not a labelscan report; "
+                             "pass a report written by labelscan rank") from None
     if not set(SCHEMA.names) <= set(table.schema.names):
         raise LabelscanError(f"{path} lacks report columns; run labelscan rank again")
     return table.to_pandas(), metadata

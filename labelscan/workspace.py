@@ -11,6 +11,7 @@ files intact. The files written are always the fixed names below inside the work
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +48,11 @@ class DataSource:
     label_column: str = "label"
     id_column: str | None = None
     preprocessing: dict = field(default_factory=lambda: Preprocessing().to_dict())
+
+    def reading(self) -> dict:
+        """The options that decide what the model sees of the data (kept in the summary too)."""
+        return {"label_column": self.label_column, "id_column": self.id_column,
+                "preprocessing": Preprocessing.from_dict(self.preprocessing).to_dict()}
 
     def open(self, num_classes: int | None = None, class_names: list[str] | None = None,
              training: bool = True) -> Dataset:
@@ -111,13 +117,23 @@ class Workspace:
         return self.root / "check-report.parquet"
 
     def check_folder(self) -> None:
-        """Refuse, before any work, a workspace path that is a file."""
+        """Refuse, before any work, a workspace path that is a file or lies where nothing can be written."""
         if self.root.exists() and not self.root.is_dir():
             raise LabelscanError(f"workspace {self.root} exists and is not a folder; choose another --workspace")
+        existing = next(p for p in (self.root.absolute(), *self.root.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise LabelscanError(f"cannot create workspace {self.root}: {existing} is a file; choose another --workspace")
+        if not os.access(existing, os.W_OK):
+            raise LabelscanError(f"cannot write workspace {self.root}: no permission in {existing}; "
+                                 "choose another --workspace")
 
     def create(self) -> None:
         self.check_folder()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LabelscanError(f"cannot create workspace {self.root} ({exc.strerror or exc}); "
+                                 "choose another --workspace") from None
 
     def save(self, summary: LaftrSummary, manifest: Manifest) -> None:
         """Summary first, then the manifest that vouches for it: a crash between them leaves
@@ -152,6 +168,9 @@ class Workspace:
         if recorded != (manifest.model_fingerprint, manifest.data_fingerprint):
             raise LabelscanError(f"{self.summary_path} was computed from another model or data than the manifest "
                                  "names; run labelscan summarize again")
+        if summary.metadata.get("reading") != manifest.data.reading():
+            raise LabelscanError(f"{self.manifest_path} reads the data with other columns or preprocessing than "
+                                 f"{self.summary_path} was computed with; run labelscan summarize again")
         return summary
 
     def verify(self, manifest: Manifest, dataset: Dataset | None = None) -> None:

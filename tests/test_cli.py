@@ -191,8 +191,9 @@ def test_different_seed_changes_scores(noisy_ws, tmp_path):
 def test_rank_methods(small_ws, tmp_path, method, extra):
     before = snapshot(small_ws)
     out = tmp_path / f"{method}.parquet"
-    ok(invoke("rank", "-w", small_ws, "--method", method, *FAST, *extra, "--top", "3", "--out", out))
+    stdout = ok(invoke("rank", "-w", small_ws, "--method", method, *FAST, *extra, "--top", "3", "--out", out))
     assert snapshot(small_ws) == before
+    assert ("has no default threshold" in stdout) == (method != "linear"), stdout
     report, metadata = read_report(out)
     assert metadata["method"] == method
     assert len(report) == 60 and sorted(report["rank"]) == list(range(1, 61))
@@ -217,7 +218,7 @@ def test_rank_refuses_a_changed_model(tmp_path):
     assert snapshot(workspace) == before
 
 
-@pytest.mark.parametrize("change", ["pixel", "label", "appended row"])
+@pytest.mark.parametrize("change", ["pixel", "label", "appended row", "label column gone"])
 def test_rank_refuses_changed_data(tmp_path, change):
     rows = noisy_rows(40)
     data = write_table(rows, tmp_path / "data.parquet")
@@ -227,11 +228,14 @@ def test_rank_refuses_changed_data(tmp_path, change):
         rows.loc[5, "pixel_20"] += 1
     elif change == "label":
         rows.loc[5, "label"] = (rows.loc[5, "label"] + 1) % 10
-    else:
+    elif change == "appended row":
         rows = pd.concat([rows, noisy_rows(41).iloc[[40]]], ignore_index=True)
+    else:
+        rows = rows.drop(columns="label")
     write_table(rows, data)
     before = snapshot(workspace)
-    refused(invoke("rank", "-w", workspace, *FAST), "data", "changed")
+    for command in ("rank", "check"):
+        refused(invoke(command, "-w", workspace, *FAST), "data", "changed|no longer reads as it did at summarize")
     assert snapshot(workspace) == before
 
 
@@ -336,6 +340,30 @@ def test_check_new_data_ranks_flipped_labels_first(noisy_ws, tmp_path):
     assert flipped["flagged"].mean() > others["flagged"].mean()
 
 
+def test_check_new_data_may_name_its_own_label_and_id_columns(noisy_ws, tmp_path):
+    rows = noisy_rows(30).rename(columns={"example_id": "key", "label": "annotation"})
+    data = write_table(rows, tmp_path / "batch.parquet")
+    workspace = copy_workspace(noisy_ws, tmp_path / "ws")
+    refused(invoke("check", "-w", workspace, *FAST, "--data", data), "no column 'label'", "--label-column")
+    ok(invoke("check", "-w", workspace, *FAST, "--data", data, "--label-column", "annotation", "--id-column", "key",
+              "--max-flagged-fraction", "1"))
+    report = pd.read_parquet(workspace / "check-report.parquet")
+    assert report["example_id"].tolist() == rows["key"].tolist()
+    assert report["given_label"].tolist() == rows["annotation"].astype(str).tolist()
+
+
+def test_check_cannot_score_tracin_without_checkpoints(noisy_ws, tmp_path):
+    workspace = copy_workspace(noisy_ws, tmp_path / "ws")
+    before = snapshot(workspace)
+    refused(invoke("check", "-w", workspace, "--method", "tracin", "--threshold", "1"),
+            "labelscan rank --method tracin --checkpoint")
+    assert snapshot(workspace) == before
+
+
+def test_check_baseline_must_be_a_labelscan_report(noisy_ws):
+    refused(invoke("check", "-w", noisy_ws, *FAST, "--baseline", NOISY), "no labelscan metadata")
+
+
 def test_check_baseline_counts_only_new_flags(noisy_ws, tmp_path):
     workspace = noisy_ws
     strict = invoke("check", "-w", workspace, *FAST, "--max-flagged-fraction", "0", "--format", "json")
@@ -370,6 +398,13 @@ def test_check_appends_a_github_step_summary(noisy_ws, tmp_path):
     headings = [line for line in text.splitlines() if line.startswith("#")]
     assert len(headings) == 2 and "fail" in headings[0].lower() and "pass" in headings[1].lower()
     assert "| rows" in text and "1797" in text
+
+
+def test_unwritable_github_step_summary_keeps_the_gate_verdict(noisy_ws, tmp_path):
+    passed = invoke("check", "-w", noisy_ws, *FAST, "--max-flagged-fraction", "0.5",
+                    env={"GITHUB_STEP_SUMMARY": str(tmp_path / "missing" / "summary.md")})
+    assert passed.exit_code == 0 and "PASS" in passed.stdout
+    assert "Traceback" not in passed.stderr and "GITHUB_STEP_SUMMARY" in passed.stderr
 
 
 def test_check_without_github_summary_writes_none(noisy_ws, tmp_path, monkeypatch):

@@ -301,7 +301,9 @@ def test_preprocessing_round_trips_through_a_dict():
 @pytest.mark.parametrize(
     "make, phrase",
     [
-        (lambda: Preprocessing(std=(1.0, 0.0)), "non-zero"),
+        (lambda: Preprocessing(std=(1.0, 0.0)), "positive"),
+        (lambda: Preprocessing(std=(-1.0,)), "positive"),
+        (lambda: Preprocessing(scale=float("nan")), "finite numbers, got nan"),
         (lambda: Preprocessing(scale=0), "non-zero"),
         (lambda: Preprocessing(mean=("a",)), "list of numbers"),
         (lambda: Preprocessing.from_dict({"scale": 1, "shift": 2}), "unknown keys"),
@@ -575,6 +577,16 @@ BAD_INPUTS = {
         lambda tmp: write_idx(tmp),
         {"num_classes": 2},
         "label 2 at row 8 is out of range for 2 classes",
+    ),
+    "class name in new data for a training set of class indices": (
+        lambda tmp: table(tmp, {"f": [1.0, 2.0, 3.0], "label": ["0", "cat", "1"]}),
+        {"training": False, "num_classes": 3},
+        "label 'cat' at row 1 is not a class index",
+    ),
+    "label column also the id column": (
+        lambda tmp: table(tmp, {"f": [1.0, 2.0, 3.0], "label": [0, 1, 0]}),
+        {"id_column": "label"},
+        "must be different columns",
     ),
     "single row": (lambda tmp: table(tmp, {"f": [1.0], "label": [0]}), {}, "only 1 row"),
     "single class": (

@@ -102,6 +102,19 @@ def test_missing_data(ws, tmp_path):
     refuses_summarize(ws, tmp_path / "nope.parquet", "no such file", "nope.parquet")
 
 
+@pytest.mark.parametrize("workspace", ["a-file", "a-file/ws"])
+def test_workspace_that_cannot_be_a_folder_is_refused_before_the_pass(base, tmp_path, workspace):
+    (tmp_path / "a-file").write_text("not a folder")
+    before = snapshot(tmp_path)
+    refused(summarize(tmp_path / workspace, base / "small.parquet"), "a-file", "choose another --workspace")
+    assert snapshot(tmp_path) == before and not (tmp_path / "a-file" / "ws").exists()
+
+
+def test_error_text_in_square_brackets_is_printed_as_is(ws, tmp_path):
+    """Messages are plain text: a path like run[nan]/d[1].parquet must not be read as rich markup."""
+    refuses_summarize(ws, tmp_path / "run[nan]" / "d[1].parquet", "no such file", re.escape("run[nan]/d[1].parquet"))
+
+
 def test_empty_data_folder(ws, tmp_path):
     (tmp_path / "empty").mkdir()
     refuses_summarize(ws, tmp_path / "empty", "empty")
@@ -336,6 +349,19 @@ def test_summary_from_another_model_with_a_rewritten_manifest(ws, other_ws):
     refuses_rank(ws, "summary|model", "fingerprint|another|does not match")
 
 
+@pytest.mark.parametrize("change", [{"scale": 1.0}, {"label_column": "pixel_0"}])
+def test_manifest_with_rewritten_data_options_is_refused(ws, change):
+    """The manifest's preprocessing and columns are checked against those the summary was made with."""
+    manifest = json.loads((ws / "manifest.json").read_text())
+    data = manifest["data"]
+    if "scale" in change:
+        data["preprocessing"] |= change
+    else:
+        data |= change
+    set_manifest(ws, data=data)
+    refuses_rank(ws, "columns or preprocessing")
+
+
 def test_report_from_another_model_is_not_trusted(ws, other_ws):
     """check must not gate on a report made for another model: it ranks again."""
     ok(invoke("rank", "-w", other_ws, *QUICK))
@@ -395,6 +421,25 @@ def test_rank_out_path_that_cannot_be_written(ws, tmp_path, target):
         return
     refused(result, "r.parquet|a-folder")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("target", ["model.pt2", "data.parquet", "ws/summary.safetensors", "ws/manifest.json",
+                                    "data-folder/report.parquet"])
+def test_rank_out_never_overwrites_an_input_or_the_workspace(tmp_path, rows, target):
+    (tmp_path / "model.pt2").write_bytes(MODEL.read_bytes())
+    write_table(rows, tmp_path / "data.parquet")
+    (tmp_path / "data-folder").mkdir()
+    write_table(rows, tmp_path / "data-folder" / "part-0.parquet")
+    data = tmp_path / ("data-folder" if target.startswith("data-folder") else "data.parquet")
+    ok(summarize(tmp_path / "ws", data, model=tmp_path / "model.pt2"))
+    before = snapshot(tmp_path)
+    refused(invoke("rank", "-w", tmp_path / "ws", *QUICK, "--out", tmp_path / target), "would overwrite")
+    assert snapshot(tmp_path) == before
+
+
+def test_threshold_must_be_finite(ws):
+    for command in ("rank", "check"):
+        refuses_rank(ws, "--threshold must be a finite number", command=command, extra=["--threshold", "nan"])
 
 
 # ------------------------------------------------------------------ interruption

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from labelscan.data.dataset import Dataset, first_line, reading
+from labelscan.data.dataset import Dataset, reading
 from labelscan.data.labels import LabelSpec, encode_labels
 from labelscan.data.preprocessing import Preprocessing
-from labelscan.errors import LabelscanError
+from labelscan.errors import LabelscanError, first_line
 
 _SAVE = "save X, y (and ids) with numpy.savez using plain numeric or string arrays"
 

@@ -18,7 +18,7 @@ import torch
 from labelscan.data.fingerprint import fingerprint_files
 from labelscan.data.labels import LabelSpec, check_labels
 from labelscan.data.preprocessing import Preprocessing
-from labelscan.errors import LabelscanError
+from labelscan.errors import LabelscanError, first_line
 
 # What pyarrow, zipfile, gzip/zlib, Pillow (OSError) and the OS raise for unreadable files.
 _READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, pa.ArrowException)
@@ -34,11 +34,6 @@ def reading(path: Path, what: str = "file"):
             f"{path}: cannot read {what} ({first_line(exc)}); "
             "check that it is complete and not corrupt"
         ) from exc
-
-
-def first_line(exc: Exception) -> str:
-    """A library's message, cut to one line for ours."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def visible(folder: Path) -> list[Path]:

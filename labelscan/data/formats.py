@@ -36,6 +36,9 @@ def open_dataset(
     ``training=False`` allows the single-row or single-class batches new data may come in.
     """
     path = Path(path)
+    if id_column is not None and id_column == label_column:
+        raise LabelscanError(f"{path}: --id-column and --label-column both name {label_column!r}; "
+                             "the labels and the example ids must be different columns")
     table = {"label_column": label_column, "id_column": id_column}
     spec = LabelSpec(num_classes, tuple(class_names or ()), training)
     common = {"preprocessing": preprocessing, "label_spec": spec}

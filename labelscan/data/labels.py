@@ -57,7 +57,15 @@ class LabelSpec:
     training: bool = True
 
     def adopt(self, codes: np.ndarray, names: list[str], source: str) -> tuple[np.ndarray, list[str]]:
-        """Re-index named labels to the training set's class names; unknown names are refused."""
+        """Re-index named labels to the training set's class names; unknown names are refused,
+        and so are names in new data for a training set labelled by class index."""
+        if names and not self.class_names and not self.training:
+            word = next(name for name in names if _numbers(np.asarray([name])) is None)
+            row = int(np.argmax(np.asarray(names)[codes] == word))
+            raise LabelscanError(
+                f"{source}: label {word!r} at row {row} is not a class index, and the training data "
+                "was labelled by class index; fix the label"
+            )
         if not self.class_names or not names:
             return codes, names
         index = {name: i for i, name in enumerate(self.class_names)}

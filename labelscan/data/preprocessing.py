@@ -19,7 +19,7 @@ def _floats(values, what: str) -> tuple[float, ...]:
             f"preprocessing {what} must be a list of numbers, got {values!r}"
         ) from None
     if not all(math.isfinite(v) for v in out):
-        raise LabelscanError(f"preprocessing {what} must be finite numbers, got {values!r}")
+        raise LabelscanError(f"preprocessing {what} must be finite numbers, got {', '.join(map(str, out))}")
     return out
 
 
@@ -39,8 +39,8 @@ class Preprocessing:
         if scale == 0:
             raise LabelscanError("preprocessing scale must be non-zero, got 0")
         std = _floats(self.std, "std")
-        if 0.0 in std:
-            raise LabelscanError(f"preprocessing std must be non-zero, got {list(std)}")
+        if any(v <= 0 for v in std):
+            raise LabelscanError(f"preprocessing std must be positive, got {', '.join(map(str, std))}")
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "mean", _floats(self.mean, "mean"))
         object.__setattr__(self, "std", std)

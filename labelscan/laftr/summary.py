@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from labelscan.errors import LabelscanError
+from labelscan.errors import LabelscanError, first_line
 from labelscan.files import write_atomically
 from labelscan.linalg import eigh
 from labelscan.model import LaftrNet
@@ -146,8 +146,8 @@ class LaftrSummary:
             active = [tensors[f"active.{i}"] for i in range(len(net.relu_indices()))]
             prior = tensors["prior"]
         except (KeyError, RuntimeError, TypeError) as exc:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LabelscanError(f"the summary {path} is incomplete ({detail}); run labelscan summarize again") from None
+            raise LabelscanError(f"the summary {path} is incomplete ({first_line(exc)}); "
+                                 "run labelscan summarize again") from None
         return cls(net, prior, moments, active, header["num_examples"], header["metadata"])
 
 
