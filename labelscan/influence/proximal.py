@@ -49,33 +49,32 @@ def proximal_scores(
     def example_loss(theta, example, label):
         return F.cross_entropy(forward(net, theta, example.unsqueeze(0)), label.unsqueeze(0))
 
-    def objective(delta, example, label):
+    def smooth_part(delta, example, label):
+        """The objective but its proximity term, whose gradient λΔ is added in closed form."""
         theta = {k: reference[k] + delta[k] for k in reference}
-        distance = stochastic_fsd(theta, draws, kind)
-        proximity = sum((d**2).sum() for d in delta.values())
-        return distance + epsilon * example_loss(theta, example, label) + 0.5 * damping * proximity
+        return stochastic_fsd(theta, draws, kind) + epsilon * example_loss(theta, example, label)
 
-    step = vmap(grad(objective))
+    step = vmap(grad(smooth_part))
     batch = len(x)
     delta = {k: torch.zeros(batch, *v.shape) for k, v in reference.items()}
     with torch.no_grad():
         for _ in range(steps):
             gradient = step(delta, x, y)
-            delta = {k: delta[k] - learning_rate * gradient[k] for k in delta}
+            for k in delta:  # Δ ← Δ − η (∇ + λΔ), in place
+                delta[k].mul_(1 - learning_rate * damping).sub_(gradient[k], alpha=learning_rate)
         return _loss_decrease(net, delta, x, y) / epsilon
 
 
 def _loss_decrease(net, delta, x, y) -> torch.Tensor:
     """ℓ(θs) − ℓ(θs + Δ) per example, in float64: the decrease is often below float32 resolution."""
     state = {k: v.double() for k, v in net.layers.state_dict().items()}
+    shifted = {k: v + delta[k].double() if k in delta else v for k, v in state.items()}
 
-    def example_loss(shift, example, label):
-        theta = {k: v + shift[k] if k in shift else v for k, v in state.items()}
+    def example_loss(theta, example, label):
         logits = functional_call(net.layers, theta, (example.unsqueeze(0),))
         return F.cross_entropy(logits, label.unsqueeze(0))
 
-    shifts = {k: v.double() for k, v in delta.items()}
-    zeros = {k: torch.zeros_like(v) for k, v in shifts.items()}
-    before = vmap(example_loss, in_dims=(None, 0, 0))({k: v[0] for k, v in zeros.items()}, x.double(), y)
-    after = vmap(example_loss)(shifts, x.double(), y)
+    inputs = x.double()
+    before = vmap(example_loss, in_dims=(None, 0, 0))(state, inputs, y)
+    after = vmap(example_loss, in_dims=({k: 0 if k in delta else None for k in state}, 0, 0))(shifted, inputs, y)
     return before - after
