@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -40,15 +41,31 @@ WORKSPACE = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="Folder fo
 
 @contextmanager
 def _errors():
-    """Bad input → one line on stderr and exit 2; Ctrl-C → exit 130, workspace untouched."""
+    """Bad input → one line on stderr and exit 2; Ctrl-C → end by SIGINT, workspace untouched."""
     try:
         yield
     except LabelscanError as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         err.print("interrupted; the workspace files from before are intact")
-        raise typer.Exit(130) from None
+        _end_interrupted()
+
+
+def _end_interrupted() -> NoReturn:
+    """End the way an interrupted program should: killed by SIGINT, not a plain exit.
+
+    A shell then reports status 130 and stops the script that ran us, instead of going on to
+    its next command; this is also what Python itself does for an unhandled Ctrl-C. The files
+    are already safe: every write went to a temporary name that the unwinding removed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":  # elsewhere the exit status is the convention
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    raise typer.Exit(130)
 
 
 @contextmanager

@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -445,12 +447,17 @@ def test_threshold_must_be_finite(ws):
 # ------------------------------------------------------------------ interruption
 
 
-def _start(args: list, stderr_file: Path) -> subprocess.Popen:
-    """Start labelscan with rich's live progress forced on, so stderr shows when work begins."""
+def _command(args: list) -> list[str]:
+    return [sys.executable, "-m", "labelscan", *map(str, args)]
+
+
+def _start(command: list[str], stderr_file: Path) -> subprocess.Popen:
+    """Start ``command`` in a session of its own (as a terminal's foreground job), with rich's
+    live progress forced on, so stderr shows when work begins."""
     with stderr_file.open("wb") as handle:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "labelscan", *map(str, args)], stdout=subprocess.DEVNULL,
-            stderr=handle, env=subprocess_env(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1"),
+            command, stdout=subprocess.PIPE, stderr=handle, start_new_session=True,
+            env=subprocess_env(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1"),
         )
 
 
@@ -464,14 +471,15 @@ def _wait_for_progress(process: subprocess.Popen, stderr_file: Path, word: bytes
     assert process.poll() is None, "finished before it could be interrupted"
 
 
-def _interrupt(process: subprocess.Popen, stderr_file: Path) -> str:
-    process.send_signal(signal.SIGINT)
+def _ctrl_c(process: subprocess.Popen, stderr_file: Path) -> tuple[str, str]:
+    """Send SIGINT to the whole process group, as a terminal does on Ctrl-C; (stdout, stderr)."""
+    os.killpg(process.pid, signal.SIGINT)
     try:
-        process.wait(timeout=60)
+        stdout, _ = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
         raise
-    return stderr_file.read_bytes().decode(errors="replace")
+    return stdout.decode(errors="replace"), stderr_file.read_bytes().decode(errors="replace")
 
 
 def test_interrupted_summarize_leaves_the_workspace_intact(ws, tmp_path):
@@ -481,10 +489,11 @@ def test_interrupted_summarize_leaves_the_workspace_intact(ws, tmp_path):
              y=generator.integers(0, 10, size=200_000))
     before = snapshot(ws)
     # batches of 4 rows: slow enough to interrupt whatever the machine
-    process = _start(["summarize", MODEL, big, "-w", ws, "--scale", "0.0625", "--batch-size", "4"], tmp_path / "err")
+    process = _start(_command(["summarize", MODEL, big, "-w", ws, "--scale", "0.0625", "--batch-size", "4"]),
+                     tmp_path / "err")
     _wait_for_progress(process, tmp_path / "err", b"summarizing")
-    stderr = _interrupt(process, tmp_path / "err")
-    assert process.returncode == 130, stderr[-500:]
+    _, stderr = _ctrl_c(process, tmp_path / "err")
+    assert process.returncode == -signal.SIGINT, stderr[-500:]  # a shell reports this as 130
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert snapshot(ws) == before
     report = tmp_path / "after.parquet"
@@ -492,13 +501,18 @@ def test_interrupted_summarize_leaves_the_workspace_intact(ws, tmp_path):
     assert len(pd.read_parquet(report)) == ROWS
 
 
-def test_interrupted_rank_leaves_the_workspace_intact(ws, tmp_path):
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ctrl_c_during_rank_stops_the_calling_script_and_leaves_the_workspace_intact(ws, tmp_path):
+    """A script running rank and then another command must stop at Ctrl-C, with status 130.
+    bash goes on to the next command when a child handles SIGINT and exits normally."""
     before = snapshot(ws)
     # proximal with very many steps: slow enough to interrupt whatever the machine
-    process = _start(["rank", "-w", ws, "-m", "proximal", "--steps", "100000", "--top", "0"], tmp_path / "err")
+    rank = _command(["rank", "-w", ws, "-m", "proximal", "--steps", "100000", "--top", "0"])
+    script = f"{shlex.join(rank)}; echo went on; exit 0"
+    process = _start(["bash", "-c", script], tmp_path / "err")
     _wait_for_progress(process, tmp_path / "err", b"scoring")
-    stderr = _interrupt(process, tmp_path / "err")
-    assert process.returncode == 130, stderr[-500:]
+    stdout, stderr = _ctrl_c(process, tmp_path / "err")
+    assert "went on" not in stdout and process.returncode == -signal.SIGINT, (process.returncode, stderr[-500:])
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert snapshot(ws) == before
     ok(invoke("rank", "-w", ws, *QUICK))
