@@ -23,9 +23,10 @@ Run it in the benchmark environment (torch, kronfluence, cleanlab, scikit-learn,
     .venv-bench/bin/python benchmarks/mislabel.py --datasets mnist --mnist /work/shared/data/mnist
     .venv-bench/bin/python benchmarks/mislabel.py --datasets fashion --fashion /work/shared/data/fashion-mnist
 
-Results accumulate in ``--work-dir`` (one JSON per configuration), so datasets can be run by
-separate commands; each run rewrites this benchmark's section of RESULTS.md and the plots from
-every configuration found there.
+Results accumulate in ``--records`` (one JSON per configuration, kept in the repository under
+``benchmarks/results/mislabel/``), so configurations can be run by separate commands; each run
+rewrites this benchmark's section of RESULTS.md and the plots from every record found there.
+Models, summaries and factors go to the scratch folder ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -546,12 +547,16 @@ def main() -> None:
     parser.add_argument("--proximal-rows", type=int, default=PROXIMAL_ROWS,
                         help="rows scored by proximal and exact-proximal (a fixed random subset) on larger sets")
     parser.add_argument("--skip-kronfluence", action="store_true")
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "labelscan-mislabel"))
-    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and plots from --work-dir")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "labelscan-mislabel"),
+                        help="scratch folder for models, summaries and factors")
+    parser.add_argument("--records", default=str(HERE / "results" / "mislabel"),
+                        help="folder of per-configuration JSON records rendered into RESULTS.md")
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and plots from --records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
+    work, records = Path(args.work_dir), Path(args.records)
     work.mkdir(parents=True, exist_ok=True)
+    records.mkdir(parents=True, exist_ok=True)
     print(settings_text(), flush=True)
     if not args.report_only:
         for dataset in args.datasets.split(","):
@@ -562,15 +567,15 @@ def main() -> None:
             for noise in args.noises.split(","):
                 for kind in args.models.split(","):
                     record = run_config(dataset, noise, kind, x_np, y_clean, args, work)
-                    (work / f"{dataset}_{noise}_{kind}.json").write_text(json.dumps(record))
-                    finish(work)
-    finish(work)
+                    (records / f"{dataset}_{noise}_{kind}.json").write_text(json.dumps(record, indent=1) + "\n")
+                    finish(records)
+    finish(records)
 
 
-def finish(work: Path) -> None:
+def finish(folder: Path) -> None:
     order = {(d, n, m): i for i, (d, n, m) in enumerate(
         (d, n, m) for d in DATASET_NAME for n in NOISE_NAME for m in ("mlp", "cnn"))}
-    records = [json.loads(p.read_text()) for p in work.glob("*.json")]
+    records = [json.loads(p.read_text()) for p in folder.glob("*.json")]
     records.sort(key=lambda r: order[(r["dataset"], r["noise"], r["model"])])
     if records:
         write_section(SECTION, render(records))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,12 +26,50 @@ from labelscan.jobs import check_job, fsd_job, rank_job, summarize_job
 from labelscan.report import top_table
 from labelscan.workspace import DEFAULT_WORKSPACE, DataSource, ModelSource, Workspace
 
-app = typer.Typer(
-    help="Find likely mislabeled training examples of a trained ReLU network.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-)
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _usage_error(exc: Exception, ctx) -> typer.Exit:
+    """A usage error (bad option value, missing argument, unknown command) as one line, exit 2."""
+    message = exc.format_message().rstrip(".")
+    err.print(f"[bold red]error:[/bold red] {escape(message)}; see {escape(ctx.command_path)} --help",
+              highlight=False)
+    return typer.Exit(2)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    return getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message")
+
+
+class _Command(TyperCommand):
+    """Typer's command, with its boxed usage errors turned into the one-line errors labelscan prints."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
+            raise _usage_error(exc, ctx) from None
+
+
+class _Group(TyperGroup):
+    """Typer's group; an unknown command is a one-line error too."""
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
+            raise _usage_error(exc, ctx) from None
+
+
+app = typer.Typer(
+    cls=_Group, help="Find likely mislabeled training examples of a trained ReLU network.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
 
 Method = Enum("Method", {m.replace("-", "_"): m for m in METHODS}, type=str)
 Covariance = Enum("Covariance", {k: k for k in ("auto", "full", "lowrank", "diagonal")}, type=str)
@@ -121,7 +160,7 @@ def _data_source(path: Path, label_column: str, id_column: Optional[str], scale:
     return DataSource(str(path), label_column, id_column, preprocessing.to_dict())
 
 
-@app.command()
+@app.command(cls=_Command)
 def summarize(
     model: Path = typer.Argument(..., help="Trained model: .pt2 (torch.export), TorchScript, or a pickle with --trust-checkpoint."),
     data: Path = typer.Argument(..., help="Training data: Parquet/CSV table, .npz, IDX images file, or image folder."),
@@ -170,7 +209,7 @@ THRESHOLD = typer.Option(None, help="Flag examples whose score exceeds this (def
 BATCH = typer.Option(256, min=1, help="Examples scored at once.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def rank(
     workspace: Path = WORKSPACE,
     top: int = typer.Option(20, min=0, help="Rows of the table to print."),
@@ -203,7 +242,7 @@ def rank(
     out.print(f"{flagged} of {len(report)} examples flagged ({flagged / len(report):.1%}); report → {result.path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(
     workspace: Path = WORKSPACE,
     max_flagged_fraction: float = typer.Option(0.05, help="Fail when more than this fraction is flagged."),
@@ -261,7 +300,7 @@ def _github_summary(summary: dict) -> None:
                   highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def fsd(
     model_a: Path = typer.Argument(..., help="First checkpoint (the reference)."),
     model_b: Path = typer.Argument(..., help="Second checkpoint."),
@@ -283,7 +322,7 @@ def fsd(
     out.print(f"FSD ≈ {distance:.6g} (LAFTR, KL, {samples} draws, seed {seed})")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     fixtures: Path = typer.Option(Path(__file__).resolve().parent.parent / "fixtures",
                                   help="The repository's fixtures folder (digits with known flips)."),

@@ -38,7 +38,7 @@ _runner = CliRunner()
 
 def invoke(*args, env: dict | None = None) -> Result:
     """The CLI in-process; stdout and stderr are captured separately."""
-    return _runner.invoke(app, [str(a) for a in args], env={**ENV, **(env or {})})
+    return _runner.invoke(app, [str(a) for a in args], env={**ENV, **(env or {})}, prog_name="labelscan")
 
 
 def subprocess_env(**extra: str) -> dict:

@@ -666,3 +666,17 @@ def test_refusal_stderr_is_exactly_one_line(tmp_path):
     result = invoke("rank", "-w", tmp_path / "none")  # a subprocess shows the same stray line
     assert result.exit_code == 2
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, repr(result.stderr)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["rank", "--top", "abc"], r"'--top'.*integer; see labelscan rank --help"),
+    (["rank", "--method", "nope"], r"'--method'.*'nope'"),
+    (["rank", "--no-such-option"], r"no such option: --no-such-option"),
+    (["summarize"], r"missing argument 'model'; see labelscan summarize --help"),
+    (["check", "--format", "xml"], r"'--format'.*'xml'"),
+    (["frobnicate"], r"no such command 'frobnicate'; see labelscan --help"),
+])
+def test_usage_errors_are_one_line_too(args, phrase):
+    """Bad option values, missing arguments and unknown commands: one line, exit 2, like bad input."""
+    line = refused(invoke(*args), phrase)
+    assert line.startswith("error:") and "╭" not in line
