@@ -519,6 +519,22 @@ def test_ctrl_c_during_rank_stops_the_calling_script_and_leaves_the_workspace_in
     assert {p.name for p in ws.iterdir()} == WORKSPACE_FILES
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_rank_leaves_the_workspace_intact(ws, tmp_path, sig):
+    """A CI runner's cancel (SIGTERM) or an out-of-memory kill gives no chance to clean up; the
+    files from before must still be whole, because nothing is written until the end."""
+    before = snapshot(ws)
+    process = _start(_command(["rank", "-w", ws, "-m", "proximal", "--steps", "100000", "--top", "0"]),
+                     tmp_path / "err")
+    _wait_for_progress(process, tmp_path / "err", b"scoring")
+    process.send_signal(sig)
+    process.communicate(timeout=60)
+    assert process.returncode == -sig
+    assert snapshot(ws) == before
+    ok(invoke("rank", "-w", ws, *QUICK))
+    assert {p.name for p in ws.iterdir()} == WORKSPACE_FILES
+
+
 # ------------------------------------------------------------------ determinism
 
 
