@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from labelscan import __version__
 from labelscan.data import Preprocessing
 from labelscan.errors import LabelscanError
+from labelscan.interruption import end_interrupted
 from labelscan.influence.scoring import METHODS, InfluenceSettings
 from labelscan.jobs import check_job, fsd_job, rank_job, summarize_job
 from labelscan.report import top_table
@@ -89,22 +89,7 @@ def _errors():
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         err.print("interrupted; the workspace files from before are intact")
-        _end_interrupted()
-
-
-def _end_interrupted() -> NoReturn:
-    """End the way an interrupted program should: killed by SIGINT, not a plain exit.
-
-    A shell then reports status 130 and stops the script that ran us, instead of going on to
-    its next command; this is also what Python itself does for an unhandled Ctrl-C. The files
-    are already safe: every write went to a temporary name that the unwinding removed.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.name == "posix":  # elsewhere the exit status is the convention
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    raise typer.Exit(130)
+        end_interrupted()
 
 
 @contextmanager
@@ -339,6 +324,3 @@ def demo(
     if not result.gate.passed:
         out.print("(the gate fails here by design: 10% of the labels were flipped)")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

@@ -519,6 +519,16 @@ def test_ctrl_c_during_rank_stops_the_calling_script_and_leaves_the_workspace_in
     assert {p.name for p in ws.iterdir()} == WORKSPACE_FILES
 
 
+def test_ctrl_c_while_labelscan_loads_prints_no_traceback(ws, tmp_path):
+    """Loading torch takes a second or more; Ctrl-C then must end as quietly as later on."""
+    process = _start(_command(["rank", "-w", ws, *QUICK]), tmp_path / "err")
+    time.sleep(0.3)  # the interpreter is up, torch is still loading
+    assert process.poll() is None
+    _, stderr = _ctrl_c(process, tmp_path / "err")
+    assert process.returncode == -signal.SIGINT
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-500:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_rank_leaves_the_workspace_intact(ws, tmp_path, sig):
     """A CI runner's cancel (SIGTERM) or an out-of-memory kill gives no chance to clean up; the
