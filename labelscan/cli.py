@@ -30,40 +30,34 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _usage_error(exc: Exception, ctx) -> typer.Exit:
+@contextmanager
+def _one_line_usage_errors(ctx):
     """A usage error (bad option value, missing argument, unknown command) as one line, exit 2."""
-    message = exc.format_message().rstrip(".")
-    err.print(f"[bold red]error:[/bold red] {escape(message)}; see {escape(ctx.command_path)} --help",
-              highlight=False)
-    return typer.Exit(2)
-
-
-def _is_usage_error(exc: Exception) -> bool:
-    return getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message")
+    try:
+        yield
+    except Exception as exc:  # Typer's usage errors: exit code 2 and a message, whatever their class
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        message = exc.format_message().rstrip(".")
+        err.print(f"[bold red]error:[/bold red] {escape(message)}; see {escape(ctx.command_path)} --help",
+                  highlight=False)
+        raise typer.Exit(2) from None
 
 
 class _Command(TyperCommand):
     """Typer's command, with its boxed usage errors turned into the one-line errors labelscan prints."""
 
     def parse_args(self, ctx, args):
-        try:
+        with _one_line_usage_errors(ctx):
             return super().parse_args(ctx, args)
-        except Exception as exc:
-            if not _is_usage_error(exc):
-                raise
-            raise _usage_error(exc, ctx) from None
 
 
 class _Group(TyperGroup):
     """Typer's group; an unknown command is a one-line error too."""
 
     def resolve_command(self, ctx, args):
-        try:
+        with _one_line_usage_errors(ctx):
             return super().resolve_command(ctx, args)
-        except Exception as exc:
-            if not _is_usage_error(exc):
-                raise
-            raise _usage_error(exc, ctx) from None
 
 
 app = typer.Typer(
