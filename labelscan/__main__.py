@@ -1,20 +1,21 @@
 """The ``labelscan`` command and ``python -m labelscan``."""
 
-import signal
 import sys
 
-from labelscan.interruption import end_interrupted
+from labelscan.interruption import Stopped, end_by, raise_stopped_on_signals
 
 
 def main() -> None:
-    """Load the CLI and run it; Ctrl-C while torch is still loading ends quietly too."""
+    """Run the CLI. Ctrl-C or SIGTERM at any moment, even while torch loads or a table prints,
+    gives one line and death by that signal."""
+    raise_stopped_on_signals()
     try:
         from labelscan.cli import app
-    except KeyboardInterrupt:  # nothing has been read or written yet
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("interrupted", file=sys.stderr)
-        end_interrupted()
-    app(prog_name="labelscan")
+
+        app(prog_name="labelscan")
+    except Stopped as stop:
+        print(f"{stop.describe()}; no file was left half-written", file=sys.stderr)
+        end_by(stop.signum)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -20,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from labelscan import __version__
 from labelscan.data import Preprocessing
 from labelscan.errors import LabelscanError
-from labelscan.interruption import end_interrupted
 from labelscan.influence.scoring import METHODS, InfluenceSettings
 from labelscan.jobs import check_job, fsd_job, rank_job, summarize_job
 from labelscan.report import top_table
@@ -28,6 +26,11 @@ from labelscan.workspace import DEFAULT_WORKSPACE, DataSource, ModelSource, Work
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _refuse(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    raise typer.Exit(2)
 
 
 @contextmanager
@@ -38,10 +41,8 @@ def _one_line_usage_errors(ctx):
     except Exception as exc:  # Typer's usage errors: exit code 2 and a message, whatever their class
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
-        message = exc.format_message().rstrip(".")
-        err.print(f"[bold red]error:[/bold red] {escape(message)}; see {escape(ctx.command_path)} --help",
-                  highlight=False)
-        raise typer.Exit(2) from None
+        message = exc.format_message().strip()
+        _refuse(f"{message}{'' if message.endswith(('.', '?', '!')) else '.'} See {ctx.command_path} --help.")
 
 
 class _Command(TyperCommand):
@@ -53,7 +54,13 @@ class _Command(TyperCommand):
 
 
 class _Group(TyperGroup):
-    """Typer's group; an unknown command is a one-line error too."""
+    """Typer's group: its own options and unknown commands give one-line errors too."""
+
+    def parse_args(self, ctx, args):
+        if not args and self.no_args_is_help:
+            return super().parse_args(ctx, args)  # Typer shows the help
+        with _one_line_usage_errors(ctx):
+            return super().parse_args(ctx, args)
 
     def resolve_command(self, ctx, args):
         with _one_line_usage_errors(ctx):
@@ -69,21 +76,24 @@ Method = Enum("Method", {m.replace("-", "_"): m for m in METHODS}, type=str)
 Covariance = Enum("Covariance", {k: k for k in ("auto", "full", "lowrank", "diagonal")}, type=str)
 OutputFormat = Enum("OutputFormat", {"text": "text", "json": "json"}, type=str)
 
+MAX_COUNT = 2**31 - 1  # counts beyond this overflow the libraries underneath
+MAX_SEED = 2**32 - 1
+
 WORKSPACE = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="Folder for the summary, manifest and report.")
 
 
 @contextmanager
 def _errors():
-    """Bad input → one line on stderr and exit 2; Ctrl-C → end by SIGINT, workspace untouched."""
+    """Bad input, or too little memory for the settings → one line on stderr and exit 2."""
     try:
         yield
     except LabelscanError as exc:
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
-        err.print("interrupted; the workspace files from before are intact")
-        end_interrupted()
+        _refuse(str(exc))
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):  # torch's CPU allocator
+            raise
+        _refuse("out of memory for these settings; lower --batch-size (or --samples / --proximal-samples)")
+
 
 
 @contextmanager
@@ -154,7 +164,7 @@ def summarize(
     arch: Optional[str] = typer.Option(None, help="module:factory building the network for a state-dict checkpoint."),
     per_class: bool = typer.Option(True, help="Keep input moments and ReLU activity per class."),
     covariance: Covariance = typer.Option("auto", help="Input covariance kept: auto picks by input size."),
-    batch_size: int = typer.Option(512, min=1, help="Examples per batch of the streamed pass."),
+    batch_size: int = typer.Option(512, min=1, max=MAX_COUNT, help="Examples per batch of the streamed pass."),
 ) -> None:
     """One pass over DATA: store the LAFTR summary and a manifest in the workspace."""
     with _errors(), _progress() as progress:
@@ -178,14 +188,14 @@ def _settings(method: Method, seed: int, samples: int, proximal_samples: int, da
 
 
 METHOD = typer.Option("linear", "--method", "-m", help="linear / proximal (LAFTR), or a baseline.")
-SEED = typer.Option(0, help="Seed of the LAFTR draws; same seed, same report.")
-SAMPLES = typer.Option(2000, min=1, help="LAFTR draws for the curvature.")
-PROXIMAL_SAMPLES = typer.Option(32, min=1, help="Draws (proximal) or training rows (exact-proximal) the FSD is evaluated on per step.")
+SEED = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the LAFTR draws; same seed, same report.")
+SAMPLES = typer.Option(2000, min=1, max=MAX_COUNT, help="LAFTR draws for the curvature.")
+PROXIMAL_SAMPLES = typer.Option(32, min=1, max=MAX_COUNT, help="Draws (proximal) or training rows (exact-proximal) the FSD is evaluated on per step.")
 DAMPING = typer.Option(0.1, help="λ as a multiple of the mean curvature eigenvalue.")
 EPSILON = typer.Option(0.01, help="Up-weighting ε of the proximal solver.")
-STEPS = typer.Option(5, min=1, help="Gradient steps of the proximal solver.")
+STEPS = typer.Option(5, min=1, max=MAX_COUNT, help="Gradient steps of the proximal solver.")
 THRESHOLD = typer.Option(None, help="Flag examples whose score exceeds this (default 4 for linear; other methods need one).")
-BATCH = typer.Option(256, min=1, help="Examples scored at once.")
+BATCH = typer.Option(256, min=1, max=MAX_COUNT, help="Examples scored at once.")
 
 
 @app.command(cls=_Command)
@@ -284,8 +294,8 @@ def fsd(
     model_a: Path = typer.Argument(..., help="First checkpoint (the reference)."),
     model_b: Path = typer.Argument(..., help="Second checkpoint."),
     workspace: Path = WORKSPACE,
-    samples: int = typer.Option(4000, min=1, help="LAFTR draws."),
-    seed: int = typer.Option(0, help="Seed of the LAFTR draws; same seed, same estimate."),
+    samples: int = typer.Option(4000, min=1, max=MAX_COUNT, help="LAFTR draws."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the LAFTR draws; same seed, same estimate."),
     trust_checkpoint: bool = typer.Option(False, help="Allow pickled checkpoints, which run code when loaded."),
     arch: Optional[str] = typer.Option(None, help="module:factory for state-dict checkpoints (default: the summarized model's)."),
 ) -> None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from labelscan.errors import LabelscanError
+from labelscan.interruption import signals_held
 
 
 def file_fingerprint(path: Path) -> str:
@@ -28,17 +29,19 @@ def check_writable(path: Path) -> None:
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename over it."""
+    """Write to a temporary file beside ``path``, flush it to disk, then rename over it. Ctrl-C
+    waits for the rename, so an interrupted command leaves no temporary file behind."""
     path = Path(path)
     check_writable(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise LabelscanError(f"could not write {path} ({exc.strerror or exc}); check the path and permissions") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+    with signals_held():
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except OSError as exc:
+            raise LabelscanError(f"could not write {path} ({exc.strerror or exc}); check the path and permissions") from None
+        finally:
+            temporary.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ files intact. The files written are always the fixed names below inside the work
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ from labelscan.data import Dataset, Preprocessing, open_dataset
 from labelscan.errors import LabelscanError
 from labelscan.laftr.summary import LaftrSummary
 from labelscan.files import file_fingerprint, write_atomically
+from labelscan.interruption import signals_held
 from labelscan.model import LaftrNet, checkpoint_kind, load_model
 
 MANIFEST_VERSION = 1
@@ -136,12 +138,15 @@ class Workspace:
                                  "choose another --workspace") from None
 
     def save(self, summary: LaftrSummary, manifest: Manifest) -> None:
-        """Summary first, then the manifest that vouches for it: a crash between them leaves
-        a manifest whose summary fingerprint no longer matches, which later commands refuse."""
+        """Summary first, then the manifest that vouches for it, with Ctrl-C held until both
+        are in place. Only a hard kill between the two renames can split them, and then the
+        manifest's summary fingerprint no longer matches, which later commands refuse."""
         self.create()
-        summary.save(self.summary_path)
-        manifest.summary_fingerprint = file_fingerprint(self.summary_path)
-        write_atomically(self.manifest_path, json.dumps(asdict(manifest), indent=2).encode())
+        payload = summary.to_bytes()
+        manifest.summary_fingerprint = hashlib.sha256(payload).hexdigest()
+        with signals_held():
+            write_atomically(self.summary_path, payload)
+            write_atomically(self.manifest_path, json.dumps(asdict(manifest), indent=2).encode())
 
     def manifest(self) -> Manifest:
         if not self.manifest_path.exists():

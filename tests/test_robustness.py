@@ -32,7 +32,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from labelscan import workspace as workspace_module
 from labelscan.data.dataset import Dataset
+from labelscan.interruption import signals_held
 from labelscan.laftr.summary import LaftrSummary
 from labelscan.report import read_report
 
@@ -540,9 +542,40 @@ def test_killed_rank_leaves_the_workspace_intact(ws, tmp_path, sig):
     process.send_signal(sig)
     process.communicate(timeout=60)
     assert process.returncode == -sig
+    if sig == signal.SIGTERM:  # one that can be caught: a line, and no traceback
+        stderr = (tmp_path / "err").read_text(errors="replace")
+        assert "terminated" in stderr and "Traceback" not in stderr, stderr[-500:]
     assert snapshot(ws) == before
     ok(invoke("rank", "-w", ws, *QUICK))
     assert {p.name for p in ws.iterdir()} == WORKSPACE_FILES
+
+
+def test_ctrl_c_is_held_until_the_block_ends():
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            got.append("the block ran to its end")
+    assert got == ["the block ran to its end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_between_the_summary_and_the_manifest_waits_for_both(ws, tmp_path, monkeypatch):
+    """The summary and the manifest that vouches for it are replaced together or not at all."""
+    write = workspace_module.write_atomically
+
+    def write_then_ctrl_c(path, payload):
+        write(path, payload)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(workspace_module, "write_atomically", write_then_ctrl_c)
+    fewer = write_table(noisy_rows(ROWS - 10), tmp_path / "fewer.parquet")
+    result = summarize(ws, fewer)
+    assert isinstance(result.exception, (KeyboardInterrupt, SystemExit)), result.exception
+    monkeypatch.undo()
+    ok(invoke("rank", "-w", ws, *QUICK))  # refused if the manifest no longer vouched for the summary
+    assert len(read_report(ws / "report.parquet")[0]) == ROWS - 10
 
 
 # ------------------------------------------------------------------ determinism
@@ -695,12 +728,16 @@ def test_refusal_stderr_is_exactly_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, phrase", [
-    (["rank", "--top", "abc"], r"'--top'.*integer; see labelscan rank --help"),
+    (["rank", "--top", "abc"], r"'--top'.*integer\. See labelscan rank --help\.$"),
     (["rank", "--method", "nope"], r"'--method'.*'nope'"),
     (["rank", "--no-such-option"], r"no such option: --no-such-option"),
-    (["summarize"], r"missing argument 'model'; see labelscan summarize --help"),
+    (["summarize"], r"missing argument 'model'\. See labelscan summarize --help"),
+    (["rank", "--seed", "99999999999999999999999"], r"'--seed'.*less than or equal"),
+    (["rank", "--samples", "99999999999999999999999"], r"'--samples'.*less than or equal"),
+    (["--no-such-option"], r"no such option: --no-such-option\. See labelscan --help"),
     (["check", "--format", "xml"], r"'--format'.*'xml'"),
-    (["frobnicate"], r"no such command 'frobnicate'; see labelscan --help"),
+    (["frobnicate"], r"no such command 'frobnicate'\. See labelscan --help"),
+    (["rnak"], r"did you mean 'rank'\? See labelscan --help"),
 ])
 def test_usage_errors_are_one_line_too(args, phrase):
     """Bad option values, missing arguments and unknown commands: one line, exit 2, like bad input."""

@@ -96,10 +96,12 @@ class LaftrSummary:
         return int(self.prior.numel())
 
     def save(self, path: str | Path) -> None:
-        """Write atomically in the safetensors format: no code runs on load.
+        """Write atomically in the safetensors format: no code runs on load."""
+        write_atomically(Path(path), self.to_bytes())
 
-        All metadata sits under one key as sorted JSON, so equal summaries are equal bytes.
-        """
+    def to_bytes(self) -> bytes:
+        """The safetensors file's bytes. All metadata sits under one key as sorted JSON, so
+        equal summaries are equal bytes."""
         tensors = {f"theta.{k}": v.contiguous() for k, v in self.net.layers.state_dict().items()}
         tensors |= {k: v.contiguous() for k, v in self.moments.tensors().items()}
         tensors["prior"] = self.prior
@@ -114,7 +116,7 @@ class LaftrSummary:
             "num_examples": self.num_examples,
             "metadata": self.metadata,
         }
-        write_atomically(Path(path), save(tensors, metadata={"labelscan": json.dumps(header, sort_keys=True)}))
+        return save(tensors, metadata={"labelscan": json.dumps(header, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | Path) -> "LaftrSummary":
