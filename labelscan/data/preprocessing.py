@@ -16,10 +16,10 @@ def _floats(values, what: str) -> tuple[float, ...]:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise LabelscanError(
-            f"preprocessing {what} must be a list of numbers, got {values!r}"
+            f"preprocessing {what} (--{what}) must be a list of numbers, got {values!r}"
         ) from None
     if not all(math.isfinite(v) for v in out):
-        raise LabelscanError(f"preprocessing {what} must be finite numbers, got {', '.join(map(str, out))}")
+        raise LabelscanError(f"preprocessing {what} (--{what}) must be finite numbers, got {', '.join(map(str, out))}")
     return out
 
 
@@ -37,10 +37,10 @@ class Preprocessing:
     def __post_init__(self) -> None:
         (scale,) = _floats([self.scale], "scale")
         if scale == 0:
-            raise LabelscanError("preprocessing scale must be non-zero, got 0")
+            raise LabelscanError("preprocessing scale (--scale) must be non-zero, got 0")
         std = _floats(self.std, "std")
         if any(v <= 0 for v in std):
-            raise LabelscanError(f"preprocessing std must be positive, got {', '.join(map(str, std))}")
+            raise LabelscanError(f"preprocessing std (--std) must be positive, got {', '.join(map(str, std))}")
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "mean", _floats(self.mean, "mean"))
         object.__setattr__(self, "std", std)

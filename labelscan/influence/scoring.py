@@ -58,7 +58,7 @@ class InfluenceSettings:
                 raise LabelscanError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("damping", "epsilon"):
             if not getattr(self, name) > 0:
-                raise LabelscanError(f"--{name} must be positive")
+                raise LabelscanError(f"--{name} must be positive, got {getattr(self, name)}")
 
     def as_dict(self) -> dict:
         return asdict(self)
