@@ -456,9 +456,9 @@ def render(records: list[dict]) -> str:
     missing = [f"{DATASET_NAME[d]} · {NOISE_NAME[n]} · {m.upper()}"
                for d in DATASET_NAME for n in NOISE_NAME for m in ("mlp", "cnn") if (d, n, m) not in done]
     lines += ["", "Not run (time): " + ("; ".join(missing) if missing else "none") + ".", "",
-              "Notes: torch ran with 1 thread per process (on this shared 2-core machine, load average 5-7 "
-              "during the run, 2 threads made training steps 5-25x slower); two configurations ran at a time, "
-              "so wall times carry contention noise of roughly 2x. proximal and exact-proximal scores on a "
+              "Notes: torch ran with 1 thread per process (on a shared 2-core machine 2 threads made training "
+              "steps 5-25x slower); two configurations ran at a time on the 2 cores, so wall times carry "
+              "contention noise of up to roughly 2x. proximal and exact-proximal scores on a "
               "subset are compared with the subset's own flips, so their AUROC has the sampling error of a "
               "few hundred rows; their full-set time is extrapolated linearly. kronfluence identity is the "
               "squared gradient norm (it matches grad-norm to 3 decimals everywhere), a check of the wiring.", ""]
