@@ -25,7 +25,10 @@ _HOMES = {
     "summarize": "labelscan.pipeline",
 }
 
-__all__ = ["__version__", *sorted(_HOMES)]
+__all__ = [
+    "InfluenceSettings", "LabelscanError", "LaftrSummary", "Preprocessing", "__version__", "fsd",
+    "load_model", "open_dataset", "self_influence", "summarize",
+]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these
     from labelscan.data import Preprocessing, open_dataset

@@ -95,7 +95,6 @@ def _errors():
         _refuse("out of memory for these settings; lower --batch-size (or --samples / --proximal-samples)")
 
 
-
 @contextmanager
 def _progress():
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -327,4 +326,3 @@ def demo(
     out.print(result.describe())
     if not result.gate.passed:
         out.print("(the gate fails here by design: 10% of the labels were flipped)")
-

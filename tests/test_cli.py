@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -69,6 +71,14 @@ def test_version():
     assert ok(result).strip() == f"labelscan {labelscan.__version__}"
     assert result.stderr == ""
     assert labelscan.__version__ == installed_version("labelscan")
+
+
+def test_importing_the_package_loads_no_torch_and_every_public_name_resolves():
+    probe = ("import sys, labelscan; assert 'torch' not in sys.modules, 'torch loaded'; "
+             "[getattr(labelscan, name) for name in labelscan.__all__]; print(sorted(dir(labelscan)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(sorted(labelscan.__all__))
 
 
 @pytest.mark.parametrize("command, expected", [
