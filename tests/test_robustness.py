@@ -521,11 +521,24 @@ def test_ctrl_c_during_rank_stops_the_calling_script_and_leaves_the_workspace_in
     assert {p.name for p in ws.iterdir()} == WORKSPACE_FILES
 
 
+def _wait_until_torch_is_loading(process: subprocess.Popen, timeout: float = 60) -> None:
+    """Until torch's library is mapped into the process: past Python's own start-up (which no
+    program can guard), well before the command runs."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    if not maps.exists():
+        process.kill()
+        pytest.skip("needs /proc to see when torch loads")
+    deadline = time.monotonic() + timeout
+    while b"libtorch" not in maps.read_bytes():
+        assert process.poll() is None, "exited before torch loaded"
+        assert time.monotonic() < deadline, "torch never loaded"
+        time.sleep(0.002)
+
+
 def test_ctrl_c_while_labelscan_loads_prints_no_traceback(ws, tmp_path):
     """Loading torch takes a second or more; Ctrl-C then must end as quietly as later on."""
     process = _start(_command(["rank", "-w", ws, *QUICK]), tmp_path / "err")
-    time.sleep(0.3)  # the interpreter is up, torch is still loading
-    assert process.poll() is None
+    _wait_until_torch_is_loading(process)
     _, stderr = _ctrl_c(process, tmp_path / "err")
     assert process.returncode == -signal.SIGINT
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-500:]
