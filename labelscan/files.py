@@ -10,6 +10,11 @@ from labelscan.errors import LabelscanError
 from labelscan.interruption import signals_held
 
 
+def payload_fingerprint(payload: bytes) -> str:
+    """What ``file_fingerprint`` gives for a file holding ``payload``, before it is written."""
+    return hashlib.sha256(payload).hexdigest()
+
+
 def file_fingerprint(path: Path) -> str:
     """sha256 of a file's bytes, streamed."""
     digest = hashlib.sha256()

@@ -10,7 +10,6 @@ files intact. The files written are always the fixed names below inside the work
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +19,7 @@ from labelscan import __version__
 from labelscan.data import Dataset, Preprocessing, open_dataset
 from labelscan.errors import LabelscanError
 from labelscan.laftr.summary import LaftrSummary
-from labelscan.files import file_fingerprint, write_atomically
+from labelscan.files import file_fingerprint, payload_fingerprint, write_atomically
 from labelscan.interruption import signals_held
 from labelscan.model import LaftrNet, checkpoint_kind, load_model
 
@@ -143,7 +142,7 @@ class Workspace:
         manifest's summary fingerprint no longer matches, which later commands refuse."""
         self.create()
         payload = summary.to_bytes()
-        manifest.summary_fingerprint = hashlib.sha256(payload).hexdigest()
+        manifest.summary_fingerprint = payload_fingerprint(payload)
         with signals_held():
             write_atomically(self.summary_path, payload)
             write_atomically(self.manifest_path, json.dumps(asdict(manifest), indent=2).encode())
